@@ -1,0 +1,310 @@
+"""Public softmax-family functions: validate, describe the layout, dispatch to a kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
+
+from ._config import get_num_threads
+from ._layout import Plan, plan_layout
+from ._validation import as_float_array, check_out, normalize_axis, readonly_view, result_dtype
+
+__all__ = [
+    "log_softmax",
+    "log_softmax_backward",
+    "logsumexp",
+    "softmax",
+    "softmax_backward",
+    "softmax_jacobian",
+]
+
+# A column tile (classes x neighbouring columns) should stay in L2 between its passes.
+_TILE_BYTES = 256 * 1024
+# softmax_jacobian materializes C*C per row; refuse sizes that are surely a mistake.
+JACOBIAN_MAX_CLASSES = 4096
+JACOBIAN_MAX_ELEMENTS = 2**27
+
+
+def _kernels():
+    from ._kernels import softmax as kernels  # numba is imported on first use only
+
+    return kernels
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    """True if ``a`` and ``b`` are the same elements (same start, shape and strides)."""
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.shape == b.shape
+        and a.strides == b.strides
+    )
+
+
+def _column_block(plan: Plan, itemsize: int) -> int:
+    """Columns per tile: the tile fits in L2, and there are tiles for every thread."""
+    block = max(16, _TILE_BYTES // (plan.n_classes * itemsize) // 16 * 16)
+    while block > 16 and plan.n_outer * -(-plan.n_inner // block) < 4 * get_num_threads():
+        block //= 2
+    return min(block, plan.n_inner)
+
+
+def _kernel_args(plan: Plan) -> tuple[Any, ...]:
+    """Flatten a plan into a row or column kernel's argument list."""
+    if plan.is_rows:
+        flat = [v for op in plan.operands for v in (op.buffer, op.start, op.outer_stride)]
+        return (*flat, plan.n_outer, plan.n_classes)
+    flat = [v for op in plan.operands for v in (op.buffer, op.start, op.outer_stride, op.class_stride)]
+    return (*flat, plan.n_outer, plan.n_classes, plan.n_inner, _column_block(plan, plan.operands[0].buffer.itemsize))
+
+
+def _class_flipped(arrays: list[np.ndarray], axis: int) -> tuple[list[np.ndarray], bool]:
+    """Flip every array along ``axis`` if the first runs backwards along it.
+
+    The softmax family is permutation-equivariant along the classes (and logsumexp
+    invariant), so a reversed class axis can be traversed forwards instead.
+    """
+    if arrays[0].strides[axis] >= 0:
+        return arrays, False
+    return [np.flip(a, axis) for a in arrays], True
+
+
+def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.ndarray | None) -> np.ndarray:
+    """Run kernel family ``name`` over same-shape ``inputs`` into an output of that shape."""
+    like = inputs[0]
+    result = np.empty_like(like) if out is None else out
+    if result.size == 0:
+        return result
+    target = result
+    if out is not None and any(np.may_share_memory(out, x) and not _same_memory(out, x) for x in inputs):
+        target = np.empty_like(like)  # partial overlap: compute aside, then copy
+    (target, *inputs), flipped = _class_flipped([target, *inputs], axis)
+    plan = plan_layout([readonly_view(x) for x in inputs] + [target], axis)
+    if plan is None:  # layouts no common view describes: contiguous copies
+        inputs = [np.ascontiguousarray(x) for x in inputs]
+        target = np.empty(like.shape, like.dtype)
+        plan = plan_layout([readonly_view(x) for x in inputs] + [target], axis)
+    suffix = "rows" if plan.is_rows else "columns"
+    getattr(_kernels(), f"{name}_{suffix}")(*_kernel_args(plan))
+    if not np.may_share_memory(target, result):
+        np.copyto(result, np.flip(target, axis) if flipped else target)
+    return result
+
+
+def softmax(x: ArrayLike, axis: int = -1, *, out: np.ndarray | None = None, dtype: DTypeLike = None) -> np.ndarray:
+    """Softmax along ``axis``: ``exp(x - max x) / Σ exp(x - max x)``.
+
+    Parameters
+    ----------
+    x : array_like
+        Logits. float32 and float64 compute in their own precision; integer and bool
+        inputs are promoted to float64.
+    axis : int, default -1
+        The class axis. Any memory layout is handled without a transposed copy.
+    out : ndarray, optional
+        Where to write the result: same shape as ``x``, dtype of the result. May be
+        ``x`` itself.
+    dtype : float32 or float64, optional
+        Cast ``x`` to this dtype before computing (as ``torch.softmax``).
+
+    Returns
+    -------
+    ndarray
+        Probabilities, summing to 1 along ``axis``. ``-inf`` entries get 0; a row
+        that is all ``-inf`` or holds NaN or ``+inf`` is NaN.
+
+    Examples
+    --------
+    >>> import numpy as np, fastsce
+    >>> fastsce.softmax(np.array([0.0, np.log(3.0)]))
+    array([0.25, 0.75])
+    """
+    x = as_float_array(x, "x", dtype)
+    axis = normalize_axis(axis, x.ndim)
+    if out is not None:
+        check_out(out, x.shape, x.dtype)
+    return _run_elementwise("softmax", [x], axis, out)
+
+
+def log_softmax(
+    x: ArrayLike, axis: int = -1, *, out: np.ndarray | None = None, dtype: DTypeLike = None
+) -> np.ndarray:
+    """Log-softmax along ``axis``: ``x - logsumexp(x)``, computed stably.
+
+    Parameters and special values as :func:`softmax`; ``-inf`` entries give ``-inf``.
+
+    Examples
+    --------
+    >>> import numpy as np, fastsce
+    >>> fastsce.log_softmax(np.array([0.0, 0.0]))
+    array([-0.69314718, -0.69314718])
+    """
+    x = as_float_array(x, "x", dtype)
+    axis = normalize_axis(axis, x.ndim)
+    if out is not None:
+        check_out(out, x.shape, x.dtype)
+    return _run_elementwise("log_softmax", [x], axis, out)
+
+
+def logsumexp(
+    x: ArrayLike, axis: int = -1, *, keepdims: bool = False, out: np.ndarray | None = None
+) -> np.ndarray | float:
+    """``log Σ exp(x)`` along ``axis``, without overflow.
+
+    Parameters
+    ----------
+    x : array_like
+        float32, float64 (kept), integer or bool (promoted to float64).
+    axis : int, default -1
+        The axis reduced over. An empty axis gives ``-inf``.
+    keepdims : bool, default False
+        Keep the reduced axis with size 1.
+    out : ndarray, optional
+        Where to write the result (shape of the result, dtype of ``x``).
+
+    Returns
+    -------
+    ndarray or float
+        A Python float when the result is a scalar and ``out`` is not given. As in
+        torch: all ``-inf`` gives ``-inf``, a ``+inf`` entry ``+inf``, NaN gives NaN.
+
+    Examples
+    --------
+    >>> import numpy as np, fastsce
+    >>> fastsce.logsumexp(np.array([0.0, 0.0]))
+    0.6931471805599453
+    """
+    x = as_float_array(x, "x")
+    axis = normalize_axis(axis, x.ndim)
+    reduced_shape = x.shape[:axis] + x.shape[axis + 1 :]
+    result_shape = x.shape[:axis] + (1,) + x.shape[axis + 1 :] if keepdims else reduced_shape
+    if out is not None:
+        check_out(out, result_shape, x.dtype)
+    if x.shape[axis] == 0 or x.size == 0:
+        reduced = np.full(reduced_shape, -np.inf, x.dtype)
+    else:
+        (x,), _ = _class_flipped([x], axis)
+        plan = plan_layout([readonly_view(x)], axis)
+        if plan is None:
+            x = np.ascontiguousarray(x)
+            plan = plan_layout([readonly_view(x)], axis)
+        flat = np.empty(plan.n_outer * plan.n_inner, x.dtype)
+        (source,) = plan.operands
+        if plan.is_rows:
+            _kernels().logsumexp_rows(source.buffer, source.start, source.outer_stride, flat,
+                                      plan.n_outer, plan.n_classes)
+        else:
+            _kernels().logsumexp_columns(source.buffer, source.start, source.outer_stride, source.class_stride,
+                                         flat, plan.n_outer, plan.n_classes, plan.n_inner,
+                                         _column_block(plan, x.itemsize))
+        reduced = plan.reduced_to_original(flat, x.shape)
+    result = reduced.reshape(result_shape)
+    if out is not None:
+        np.copyto(out, result)
+        return out
+    return float(result) if result.ndim == 0 else result
+
+
+def _backward(name: str, grad_output: ArrayLike, output: ArrayLike, axis: int, out: np.ndarray | None) -> np.ndarray:
+    grad_output = np.asarray(grad_output)
+    output = np.asarray(output)
+    if grad_output.shape != output.shape:
+        raise ValueError(
+            f"grad_output has shape {grad_output.shape} but output has shape {output.shape}; they must match"
+        )
+    dtype = np.result_type(result_dtype(grad_output.dtype, "grad_output"), result_dtype(output.dtype, "output"))
+    grad_output = as_float_array(grad_output, "grad_output", dtype)
+    output = as_float_array(output, "output", dtype)
+    axis = normalize_axis(axis, output.ndim)
+    if out is not None:
+        check_out(out, output.shape, dtype)
+    return _run_elementwise(name, [grad_output, output], axis, out)
+
+
+def softmax_backward(
+    grad_output: ArrayLike, output: ArrayLike, axis: int = -1, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Vector-Jacobian product of softmax: ``s · (g - Σ g·s)``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        ``g``, the gradient of the loss with respect to the softmax output.
+    output : array_like
+        ``s``, the softmax result (same shape).
+    axis : int, default -1
+        The class axis used in the forward pass.
+    out : ndarray, optional
+        Where to write the gradient with respect to the logits.
+
+    Returns
+    -------
+    ndarray
+        The gradient with respect to the logits, in the common float dtype.
+    """
+    return _backward("softmax_backward", grad_output, output, axis, out)
+
+
+def log_softmax_backward(
+    grad_output: ArrayLike, output: ArrayLike, axis: int = -1, *, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Vector-Jacobian product of log-softmax: ``g - exp(ls) · Σ g``.
+
+    Parameters
+    ----------
+    grad_output : array_like
+        ``g``, the gradient of the loss with respect to the log-softmax output.
+    output : array_like
+        ``ls``, the log-softmax result (same shape).
+    axis : int, default -1
+        The class axis used in the forward pass.
+    out : ndarray, optional
+        Where to write the gradient with respect to the logits.
+
+    Returns
+    -------
+    ndarray
+        The gradient with respect to the logits, in the common float dtype.
+    """
+    return _backward("log_softmax_backward", grad_output, output, axis, out)
+
+
+def softmax_jacobian(x: ArrayLike, axis: int = -1) -> np.ndarray:
+    """The explicit softmax Jacobian ``J[..., i, j] = s_i (δ_ij - s_j)``.
+
+    Meant for small class counts (tests, analysis); training code wants
+    :func:`softmax_backward`, which never forms the ``C x C`` matrix.
+
+    Parameters
+    ----------
+    x : array_like
+        Logits.
+    axis : int, default -1
+        The class axis; it is moved last, and the result has shape ``(..., C, C)``.
+
+    Returns
+    -------
+    ndarray
+        The Jacobian for every row, symmetric in its last two axes.
+
+    Raises
+    ------
+    ValueError
+        If ``C`` exceeds 4096 or the result would hold more than 2**27 elements.
+    """
+    x = as_float_array(x, "x")
+    axis = normalize_axis(axis, x.ndim)
+    n_classes = x.shape[axis]
+    n_rows = x.size // n_classes if n_classes else 0
+    if n_classes > JACOBIAN_MAX_CLASSES or n_rows * n_classes * n_classes > JACOBIAN_MAX_ELEMENTS:
+        raise ValueError(
+            f"softmax_jacobian of shape {x.shape} along axis {axis} would be "
+            f"{n_rows} x {n_classes} x {n_classes}; the limit is C <= {JACOBIAN_MAX_CLASSES} and "
+            f"{JACOBIAN_MAX_ELEMENTS} elements. Use softmax_backward for vector-Jacobian products."
+        )
+    s = np.moveaxis(softmax(x, axis), axis, -1)
+    jacobian = -s[..., :, None] * s[..., None, :]
+    diagonal = np.einsum("...ii->...i", jacobian)  # a writeable view of the diagonal
+    diagonal += s
+    return jacobian

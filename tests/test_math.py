@@ -1,0 +1,381 @@
+"""Tests of ``fastsce._math``: the vectorizable ``exp32``/``exp64`` and the bit casts.
+
+The exp functions are ``numba.njit`` scalar functions, so they are called from small
+jitted loops over arrays. Errors are measured in ulps of the correctly rounded result:
+for float32 against ``np.exp`` in float64 (exact enough: 29 extra bits), for float64
+against mpmath at 80 bits and against ``np.exp`` on a dense grid.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+from fastsce._math import (
+    bits_to_float32,
+    bits_to_float64,
+    exp32,
+    exp64,
+    float32_to_bits,
+    float64_to_bits,
+)
+
+mpmath = pytest.importorskip("mpmath")
+
+F32_TINY = np.float32(2.0**-126)  # smallest normal
+F32_SUB_ULP = 2.0**-149  # spacing of subnormals
+F64_TINY = 2.0**-1022
+F64_SUB_ULP = 2.0**-1074
+
+
+# ------------------------------------------------------------------ jitted loops ----
+@numba.njit
+def _exp32_array(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = exp32(x[i])
+    return out
+
+
+@numba.njit
+def _exp64_array(x):
+    out = np.empty_like(x)
+    for i in range(x.size):
+        out[i] = exp64(x[i])
+    return out
+
+
+@numba.njit
+def _f32_to_bits(x):
+    out = np.empty(x.size, np.int32)
+    for i in range(x.size):
+        out[i] = float32_to_bits(x[i])
+    return out
+
+
+@numba.njit
+def _bits_to_f32(b):
+    out = np.empty(b.size, np.float32)
+    for i in range(b.size):
+        out[i] = bits_to_float32(b[i])
+    return out
+
+
+@numba.njit
+def _f64_to_bits(x):
+    out = np.empty(x.size, np.int64)
+    for i in range(x.size):
+        out[i] = float64_to_bits(x[i])
+    return out
+
+
+@numba.njit
+def _bits_to_f64(b):
+    out = np.empty(b.size, np.float64)
+    for i in range(b.size):
+        out[i] = bits_to_float64(b[i])
+    return out
+
+
+def exp32_np(x) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float32).ravel()
+    got = _exp32_array(x)
+    assert got.dtype == np.float32
+    return got
+
+
+def exp64_np(x) -> np.ndarray:
+    x = np.ascontiguousarray(x, dtype=np.float64).ravel()
+    got = _exp64_array(x)
+    assert got.dtype == np.float64
+    return got
+
+
+# ------------------------------------------------------------- ulp measurement ----
+def ulp_errors_f32(x: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """Error of ``got`` = exp32(x) in ulps of the float32 result, exact = float64 exp.
+
+    Normal results: ulps of the correctly rounded value. Subnormal results: ulps of
+    subnormals (2**-149). ``inf`` counts as 2**128, the next power of two past the
+    largest float32, so an overflow right at the edge is measured, not infinite.
+    """
+    exact = np.exp(x.astype(np.float64))
+    with np.errstate(over="ignore"):
+        rounded = exact.astype(np.float32)
+    ulp = np.where(exact < F32_TINY, F32_SUB_ULP, np.spacing(np.abs(rounded)).astype(np.float64))
+    ulp = np.where(np.isinf(rounded), 2.0**104, ulp)  # the spacing just below float32 max
+    got64 = np.where(np.isinf(got), 2.0**128, got.astype(np.float64))
+    return np.abs(got64 - exact) / ulp
+
+
+def ulp_errors_f64_vs(got: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    """Error of float64 ``got`` against float64 ``exact`` in ulps (subnormals: 2**-1074)."""
+    ulp = np.where(np.abs(exact) < F64_TINY, F64_SUB_ULP, np.spacing(np.abs(exact)))
+    return np.abs(got - exact) / ulp
+
+
+def _worst(x, err) -> str:
+    i = int(np.argmax(err))
+    return f"worst {err[i]:.3f} ulp at x={x[i]!r}"
+
+
+# --------------------------------------------------------------------- float32 ----
+def test_exp32_dense_grid_within_2_ulp():
+    x = np.linspace(-110.0, 95.0, 2_000_001, dtype=np.float64).astype(np.float32)
+    got = exp32_np(x)
+    exact = np.exp(x.astype(np.float64))
+    normal = (exact >= F32_TINY) & (exact <= np.finfo(np.float32).max)
+    err = ulp_errors_f32(x, got)
+    assert np.all(err[normal] <= 2.0), _worst(x[normal], err[normal])
+
+
+def test_exp32_random_points_within_2_ulp():
+    rng = np.random.default_rng(1)
+    x = np.concatenate(
+        [
+            rng.uniform(-110.0, 95.0, 1_000_000),
+            rng.uniform(-1.0, 1.0, 200_000),
+            rng.uniform(-1e-6, 1e-6, 10_000),
+        ]
+    ).astype(np.float32)
+    got = exp32_np(x)
+    exact = np.exp(x.astype(np.float64))
+    normal = (exact >= F32_TINY) & (exact <= np.finfo(np.float32).max)
+    err = ulp_errors_f32(x, got)
+    assert np.all(err[normal] <= 2.0), _worst(x[normal], err[normal])
+
+
+def test_exp32_all_float32_in_minus_one_to_one():
+    """Every float32 in [0.5, 1) and its negation (around the polynomial's domain)."""
+    bits = np.arange(0x3F000000, 0x3F800000, 97, dtype=np.int32)
+    x = np.concatenate([bits.view(np.float32), -bits.view(np.float32)])
+    err = ulp_errors_f32(x, exp32_np(x))
+    assert np.all(err <= 2.0), _worst(x, err)
+
+
+def test_exp32_subnormal_results_within_1_subnormal_ulp():
+    x = np.linspace(-103.9, -87.4, 500_001).astype(np.float32)
+    got = exp32_np(x)
+    exact = np.exp(x.astype(np.float64))
+    sub = exact < F32_TINY
+    assert sub.sum() > 400_000
+    err = np.abs(got.astype(np.float64) - exact) / F32_SUB_ULP
+    assert np.all(err[sub] <= 1.0), _worst(x[sub], err[sub])
+    assert np.all(got[sub] < F32_TINY)
+    # every x whose result is subnormal, from exp(-87.4) down to the last non-zero one
+    lo, hi = np.float32(-103.98), np.float32(-87.33)
+    bits = np.arange(hi.view(np.int32), lo.view(np.int32), 7, dtype=np.int32)  # negatives: bits grow as x falls
+    x = bits.view(np.float32)
+    exact = np.exp(x.astype(np.float64))
+    err = np.abs(exp32_np(x).astype(np.float64) - exact)
+    sub = exact < F32_TINY
+    assert np.all(err[sub] <= F32_SUB_ULP), _worst(x[sub], err[sub] / F32_SUB_ULP)
+
+
+def test_exp32_underflows_to_positive_zero():
+    f32 = np.finfo(np.float32)
+    x = np.concatenate(
+        [
+            np.linspace(-1000.0, -104.0001, 10_001),
+            [-104.0001, -104.5, -150.0, -1e10, -1e30, float(f32.min), -np.inf],
+        ]
+    ).astype(np.float32)
+    assert np.all(x < np.float32(-104.0))
+    got = exp32_np(x)
+    assert np.all(got == 0.0), x[got != 0.0][:5]
+    assert not np.signbit(got).any(), "exp returned -0.0"
+
+
+def test_exp32_overflows_to_inf():
+    f32 = np.finfo(np.float32)
+    x = np.concatenate(
+        [np.linspace(88.73, 1000.0, 10_001), [88.73, 89.0, 100.0, 1e10, 1e30, float(f32.max), np.inf]]
+    ).astype(np.float32)
+    got = exp32_np(x)
+    assert np.all(got == np.inf), x[got != np.inf][:5]
+
+
+def test_exp32_largest_finite_result():
+    x = np.float32(88.72283)  # exp(x) just below float32 max
+    assert np.exp(np.float64(x)) < np.finfo(np.float32).max
+    got = exp32_np([x])[0]
+    assert np.isfinite(got)
+    assert ulp_errors_f32(np.array([x]), np.array([got]))[0] <= 2.0
+
+
+def test_exp32_special_values():
+    got = exp32_np([np.nan, -np.nan, 0.0, -0.0, np.inf, -np.inf, 1.0])
+    assert np.isnan(got[0]) and np.isnan(got[1])
+    assert got[2] == np.float32(1.0) and got[3] == np.float32(1.0)
+    assert got[4] == np.inf and got[5] == 0.0
+    assert abs(float(got[6]) - np.e) <= 2 * float(np.spacing(np.float32(np.e)))
+
+
+def test_exp32_is_monotonic_on_grid():
+    x = np.linspace(-104.0, 89.0, 1_000_001).astype(np.float32)
+    x = np.unique(x)
+    got = exp32_np(x)
+    assert np.all(got[1:] >= got[:-1])
+
+
+def test_exp32_scalar_call_in_njit():
+    @numba.njit
+    def f(a):
+        return exp32(np.float32(a))
+
+    assert f(0.0) == np.float32(1.0)
+    assert f.nopython_signatures[0].return_type == numba.float32
+
+
+# --------------------------------------------------------------------- float64 ----
+def test_exp64_against_mpmath():
+    rng = np.random.default_rng(2)
+    x = np.concatenate(
+        [
+            rng.uniform(-746.0, 710.0, 1200),
+            rng.uniform(-1.0, 1.0, 300),
+            rng.uniform(-0.35, 0.35, 200),
+            rng.uniform(-708.4, -700.0, 100),
+            rng.uniform(700.0, 709.78, 100),
+            rng.uniform(-1e-8, 1e-8, 50),
+            np.arange(-50, 51) * np.log(2.0),  # r ≈ 0 at every k
+        ]
+    )
+    got = exp64_np(x)
+    errs = np.empty(x.size)
+    with mpmath.workprec(80):
+        for i, (xi, gi) in enumerate(zip(x, got)):
+            exact = mpmath.exp(mpmath.mpf(float(xi)))
+            ef = float(exact)
+            if ef == np.inf:  # beyond the largest float64: must overflow
+                errs[i] = 0.0 if gi == np.inf else np.inf
+                continue
+            ulp = F64_SUB_ULP if ef < F64_TINY else float(np.spacing(ef))
+            errs[i] = float(abs(mpmath.mpf(float(gi)) - exact) / ulp)
+    assert np.all(errs <= 2.0), _worst(x, errs)
+
+
+def test_exp64_dense_grid_against_numpy():
+    x = np.linspace(-746.0, 710.0, 2_000_001)
+    got = exp64_np(x)
+    with np.errstate(over="ignore"):
+        exact = np.exp(x)
+    normal = (exact >= F64_TINY) & np.isfinite(exact)
+    err = ulp_errors_f64_vs(got[normal], exact[normal])
+    assert np.all(err <= 2.0), _worst(x[normal], err)
+    # around zero and in [-1, 1] densely
+    x = np.linspace(-1.0, 1.0, 500_001)
+    err = ulp_errors_f64_vs(exp64_np(x), np.exp(x))
+    assert np.all(err <= 2.0), _worst(x, err)
+
+
+def test_exp64_subnormal_results_within_1_subnormal_ulp():
+    x = np.linspace(-745.13, -708.4, 200_001)
+    got = exp64_np(x)
+    with mpmath.workprec(80):
+        sample = x[::1000]
+        exact_mp = [mpmath.exp(mpmath.mpf(float(v))) for v in sample]
+        got_s = got[::1000]
+        errs = np.array([float(abs(mpmath.mpf(float(g)) - e) / F64_SUB_ULP) for g, e in zip(got_s, exact_mp)])
+        sub = np.array([float(e) < F64_TINY for e in exact_mp])
+    assert sub.sum() > 150
+    assert np.all(errs[sub] <= 1.0), _worst(sample[sub], errs[sub])
+    # the whole grid against np.exp (itself correctly rounded to a subnormal within 1)
+    exact = np.exp(x)
+    sub = exact < F64_TINY
+    err = np.abs(got - exact) / F64_SUB_ULP
+    assert np.all(err[sub] <= 1.0), _worst(x[sub], err[sub])
+
+
+def test_exp64_underflows_to_positive_zero():
+    x = np.concatenate([np.linspace(-5000.0, -746.0001, 10_001), [-746.0001, -800.0, -1e10, -1e300, -np.finfo(np.float64).max, -np.inf]])
+    got = exp64_np(x)
+    assert np.all(got == 0.0), x[got != 0.0][:5]
+    assert not np.signbit(got).any(), "exp returned -0.0"
+
+
+def test_exp64_overflows_to_inf():
+    x = np.concatenate([np.linspace(709.79, 5000.0, 10_001), [709.79, 710.0, 711.0, 1e10, 1e300, np.finfo(np.float64).max, np.inf]])
+    got = exp64_np(x)
+    assert np.all(got == np.inf), x[got != np.inf][:5]
+
+
+def test_exp64_largest_finite_result():
+    x = 709.782712893384  # log(DBL_MAX) rounded down
+    got = exp64_np([x])[0]
+    assert np.isfinite(got)
+    assert ulp_errors_f64_vs(np.array([got]), np.array([np.exp(x)]))[0] <= 2.0
+
+
+def test_exp64_special_values():
+    got = exp64_np([np.nan, -np.nan, 0.0, -0.0, np.inf, -np.inf, 1.0])
+    assert np.isnan(got[0]) and np.isnan(got[1])
+    assert got[2] == 1.0 and got[3] == 1.0
+    assert got[4] == np.inf and got[5] == 0.0
+    assert abs(got[6] - np.e) <= 2 * np.spacing(np.e)
+
+
+def test_exp64_is_monotonic_on_grid():
+    x = np.linspace(-746.0, 710.0, 1_000_001)
+    got = exp64_np(x)
+    assert np.all(got[1:] >= got[:-1])
+
+
+# -------------------------------------------------------------------- bit casts ----
+def _float32_specials() -> np.ndarray:
+    f = np.finfo(np.float32)
+    return np.array(
+        [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, f.max, f.min, f.tiny, f.smallest_subnormal, -f.smallest_subnormal],
+        dtype=np.float32,
+    )
+
+
+def _float64_specials() -> np.ndarray:
+    f = np.finfo(np.float64)
+    return np.array(
+        [0.0, -0.0, 1.0, -1.0, np.inf, -np.inf, np.nan, f.max, f.min, f.tiny, f.smallest_subnormal, -f.smallest_subnormal]
+    )
+
+
+def test_float32_bits_round_trip():
+    rng = np.random.default_rng(3)
+    bits = np.concatenate(
+        [
+            rng.integers(np.iinfo(np.int32).min, np.iinfo(np.int32).max, 200_000, dtype=np.int64).astype(np.int32),
+            np.array([0, 1, -1, 0x7F800000, 0x7F800001, 0x7FC00000, np.iinfo(np.int32).min, np.iinfo(np.int32).max], dtype=np.int32),
+            _float32_specials().view(np.int32),
+        ]
+    )
+    floats = _bits_to_f32(bits)
+    assert np.array_equal(floats.view(np.int32), bits), "bits_to_float32 differs from ndarray.view"
+    assert np.array_equal(_f32_to_bits(floats), bits), "float32_to_bits(bits_to_float32(b)) != b"
+    x = rng.standard_normal(10_000).astype(np.float32)
+    x = np.concatenate([x, _float32_specials()])
+    assert np.array_equal(_f32_to_bits(x), x.view(np.int32)), "float32_to_bits differs from ndarray.view"
+
+
+def test_float64_bits_round_trip():
+    rng = np.random.default_rng(4)
+    bits = np.concatenate(
+        [
+            rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, 200_000, dtype=np.int64),
+            np.array([0, 1, -1, 0x7FF0000000000000, 0x7FF0000000000001, 0x7FF8000000000000,
+                      np.iinfo(np.int64).min, np.iinfo(np.int64).max], dtype=np.int64),
+            _float64_specials().view(np.int64),
+        ]
+    )
+    floats = _bits_to_f64(bits)
+    assert np.array_equal(floats.view(np.int64), bits), "bits_to_float64 differs from ndarray.view"
+    assert np.array_equal(_f64_to_bits(floats), bits), "float64_to_bits(bits_to_float64(b)) != b"
+    x = np.concatenate([rng.standard_normal(10_000) * 1e10, _float64_specials()])
+    assert np.array_equal(_f64_to_bits(x), x.view(np.int64)), "float64_to_bits differs from ndarray.view"
+
+
+def test_bitcasts_reject_wrong_types():
+    @numba.njit
+    def f(v):
+        return float32_to_bits(v)
+
+    with pytest.raises(numba.core.errors.TypingError):
+        f(1.0)  # a float64 is not a float32
