@@ -5,6 +5,7 @@ import; each kernel compiles (or loads from the on-disk cache) on its first call
 """
 
 from ._config import get_num_threads, set_num_threads, threads
+from .loss import cross_entropy, cross_entropy_with_grad, nll_loss
 from .softmax import (
     log_softmax,
     log_softmax_backward,
@@ -17,8 +18,11 @@ from .softmax import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "cross_entropy",
+    "cross_entropy_with_grad",
     "get_num_threads",
     "log_softmax",
+    "nll_loss",
     "log_softmax_backward",
     "logsumexp",
     "set_num_threads",

@@ -144,13 +144,25 @@ _F32_P3 = np.float32(4.1665795894e-2)
 _F32_P4 = np.float32(1.6666665459e-1)
 _F32_P5 = np.float32(5.0000001201e-1)
 _F32_ONE = np.float32(1.0)
+_F32_UNDERFLOW_SPAN = -_F32_LO  # e**(x - m) is 0 below m - 104
+
+
+# float64 constants: k within [-1076, 1025] after clamping, both halves normal.
+_F64_HI = 710.0
+_F64_LO = -746.0
+_F64_UNDERFLOW_SPAN = -_F64_LO
+_F64_LOG2E = 1.4426950408889634
+_F64_LN2_HI = 6.93147180369123816490e-01  # fdlibm split: k*LN2_HI exact for |k|<2^11
+_F64_LN2_LO = 1.90821492927058770002e-10
+_F64_SHIFTER = 6755399441055744.0  # 1.5 * 2**52
+# Taylor coefficients 1/n! for n = 2..13: truncation error < 5e-18 on |r| <= ln2/2.
+(_F64_C2, _F64_C3, _F64_C4, _F64_C5, _F64_C6, _F64_C7,
+ _F64_C8, _F64_C9, _F64_C10, _F64_C11, _F64_C12, _F64_C13) = (1.0 / math.factorial(n) for n in range(2, 14))
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
-def _exp32_split(x: np.float32, tail: np.float32) -> np.float32:
-    """``e**(x + tail)`` for a small correction ``tail`` (|tail| <= ulp(x))."""
-    x = _F32_HI if x > _F32_HI else x  # comparisons written so that NaN passes
-    x = _F32_LO if x < _F32_LO else x
+def _exp32_reduced(x: np.float32, tail: np.float32) -> np.float32:
+    """``e**(x + tail)`` for ``x`` in [-104, 89] or NaN, ``|tail| <= ulp(x)``."""
     shifted = x * _F32_LOG2E + _F32_SHIFTER
     kf = shifted - _F32_SHIFTER  # round(x / ln2), exact (no `reassoc` to fold it)
     r = x - kf * _F32_LN2_HI
@@ -165,24 +177,9 @@ def _exp32_split(x: np.float32, tail: np.float32) -> np.float32:
     return mul_pow2(p, rounded_int_from_shifted(shifted))
 
 
-# float64 constants: k within [-1076, 1025] after clamping, halves normal.
-_F64_HI = 710.0
-_F64_LO = -746.0
-_F64_LOG2E = 1.4426950408889634
-_F64_LN2_HI = 6.93147180369123816490e-01  # fdlibm split: k*LN2_HI exact for |k|<2^11
-_F64_LN2_LO = 1.90821492927058770002e-10
-_F64_SHIFTER = 6755399441055744.0  # 1.5 * 2**52
-# Taylor coefficients 1/n! for n = 2..13: truncation error < 5e-18 on |r| <= ln2/2.
-_F64_C = tuple(1.0 / float(np.prod(np.arange(1, n + 1, dtype=np.float64))) for n in range(2, 14))
-(_F64_C2, _F64_C3, _F64_C4, _F64_C5, _F64_C6, _F64_C7,
- _F64_C8, _F64_C9, _F64_C10, _F64_C11, _F64_C12, _F64_C13) = _F64_C
-
-
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
-def _exp64_split(x: float, tail: float) -> float:
-    """``e**(x + tail)`` for a small correction ``tail`` (|tail| <= ulp(x))."""
-    x = _F64_HI if x > _F64_HI else x
-    x = _F64_LO if x < _F64_LO else x
+def _exp64_reduced(x: float, tail: float) -> float:
+    """``e**(x + tail)`` for ``x`` in [-746, 710] or NaN, ``|tail| <= ulp(x)``."""
     shifted = x * _F64_LOG2E + _F64_SHIFTER
     kf = shifted - _F64_SHIFTER
     r = x - kf * _F64_LN2_HI
@@ -203,45 +200,56 @@ def _exp64_split(x: float, tail: float) -> float:
     return mul_pow2(p, rounded_int_from_shifted(shifted))
 
 
+# Clamps are written `LO if x < LO else x` so that NaN passes through them.
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
 def exp32(x: np.float32) -> np.float32:
     """``e**x`` for float32, within 1 ulp over the whole range, NaN/inf preserving."""
-    return _exp32_split(x, np.float32(0.0))
+    x = _F32_HI if x > _F32_HI else x
+    x = _F32_LO if x < _F32_LO else x
+    return _exp32_reduced(x, np.float32(0.0))
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
 def exp64(x: float) -> float:
     """``e**x`` for float64, within 1 ulp over the whole range, NaN/inf preserving."""
-    return _exp64_split(x, 0.0)
+    x = _F64_HI if x > _F64_HI else x
+    x = _F64_LO if x < _F64_LO else x
+    return _exp64_reduced(x, 0.0)
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
-def _rounding_error_of_difference(x, m, d):
-    """The exact error ``(x - m) - d`` of ``d = fl(x - m)`` (Knuth's TwoSum).
+def _difference_with_error(x, m):
+    """``(d, e)`` with ``d = fl(x - m)`` and ``d + e == x - m`` exactly (Knuth's TwoSum).
 
-    NaN where ``d`` is not finite; callers replace it by 0 so that -inf logits still
-    give exp = 0. Compiled without `reassoc`, which would cancel it to zero.
+    Compiled without `reassoc`, which would cancel ``e`` to zero.
     """
+    d = x - m
     back = d - x
-    return (x - (d - back)) + (-m - back)
+    return d, (x - (d - back)) + (-m - back)
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
 def exp_diff32(x: np.float32, m: np.float32) -> np.float32:
-    """``e**(x - m)`` for float32 with ``x - m`` taken exactly (its rounding error is
-    carried into the reduced argument): ~1 ulp even where ``x - m`` is large."""
-    d = x - m
-    tail = _rounding_error_of_difference(x, m, d)
-    return _exp32_split(d, tail if math.isfinite(d) else np.float32(0.0))
+    """``e**(x - m)`` for float32 and ``x <= m`` (``m`` a row maximum).
+
+    ``x - m`` is taken exactly: its rounding error is carried into the reduced
+    argument, so the result stays within ~1 ulp even for large ``m - x``. One
+    clamp at ``m - 104`` covers underflow to 0 and ``x = -inf``; a NaN ``x`` or a
+    non-finite ``m`` gives NaN.
+    """
+    floor = m - _F32_UNDERFLOW_SPAN
+    x = floor if x < floor else x
+    d, tail = _difference_with_error(x, m)
+    return _exp32_reduced(d, tail)
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
 def exp_diff64(x: float, m: float) -> float:
-    """``e**(x - m)`` for float64 with ``x - m`` taken exactly, as :func:`exp_diff32`."""
-    d = x - m
-    tail = _rounding_error_of_difference(x, m, d)
-    return _exp64_split(d, tail if math.isfinite(d) else 0.0)
-
+    """``e**(x - m)`` for float64 and ``x <= m``; see :func:`exp_diff32`."""
+    floor = m - _F64_UNDERFLOW_SPAN
+    x = floor if x < floor else x
+    d, tail = _difference_with_error(x, m)
+    return _exp64_reduced(d, tail)
 
 def exp(x):
     """``e**x`` in the precision of ``x``: :func:`exp32` or :func:`exp64`.

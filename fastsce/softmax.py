@@ -71,22 +71,28 @@ def _class_flipped(arrays: list[np.ndarray], axis: int) -> tuple[list[np.ndarray
 
 
 def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.ndarray | None) -> np.ndarray:
-    """Run kernel family ``name`` over same-shape ``inputs`` into an output of that shape."""
+    """Run kernel family ``name`` over same-shape ``inputs`` into an output of that shape.
+
+    ``out`` may be the first input itself (the kernels then work in place); any other
+    overlap with an input is computed aside and copied.
+    """
     like = inputs[0]
     result = np.empty_like(like) if out is None else out
     if result.size == 0:
         return result
     target = result
-    if out is not None and any(np.may_share_memory(out, x) and not _same_memory(out, x) for x in inputs):
-        target = np.empty_like(like)  # partial overlap: compute aside, then copy
+    in_place = out is not None and _same_memory(out, like)
+    if out is not None and not in_place and any(np.may_share_memory(out, x) for x in inputs):
+        target = np.empty_like(like)
     (target, *inputs), flipped = _class_flipped([target, *inputs], axis)
     plan = plan_layout([readonly_view(x) for x in inputs] + [target], axis)
     if plan is None:  # layouts no common view describes: contiguous copies
         inputs = [np.ascontiguousarray(x) for x in inputs]
-        target = np.empty(like.shape, like.dtype)
+        target = np.empty(inputs[0].shape, like.dtype)
+        in_place = False
         plan = plan_layout([readonly_view(x) for x in inputs] + [target], axis)
     suffix = "rows" if plan.is_rows else "columns"
-    getattr(_kernels(), f"{name}_{suffix}")(*_kernel_args(plan))
+    getattr(_kernels(), f"{name}_{suffix}")(*_kernel_args(plan), in_place)
     if not np.may_share_memory(target, result):
         np.copyto(result, np.flip(target, axis) if flipped else target)
     return result

@@ -379,3 +379,97 @@ def test_bitcasts_reject_wrong_types():
 
     with pytest.raises(numba.core.errors.TypingError):
         f(1.0)  # a float64 is not a float32
+
+
+# ------------------------------------------------------ exp_diff: e**(x - m), x <= m ----
+# Private helpers used by the row kernels (x a logit, m its row maximum). Tested only
+# if present: the exact-difference variant is an implementation choice.
+import fastsce._math as _fm  # noqa: E402
+
+needs_exp_diff = pytest.mark.skipif(not hasattr(_fm, "exp_diff32"), reason="no exp_diff32/exp_diff64")
+
+
+def _exp_diff_np(x, m, dtype):
+    f = _fm.exp_diff32 if dtype == np.float32 else _fm.exp_diff64
+
+    @numba.njit
+    def loop(x, m):
+        out = np.empty_like(x)
+        for i in range(x.size):
+            out[i] = f(x[i], m[i])
+        return out
+
+    return loop(np.ascontiguousarray(x, dtype).ravel(), np.ascontiguousarray(m, dtype).ravel())
+
+
+def _x_below_m(rng, dtype, n, m_lo, m_hi, span):
+    m = rng.uniform(m_lo, m_hi, n).astype(dtype)
+    x = (m.astype(np.float64) - rng.uniform(0.0, span, n)).astype(dtype)
+    return np.minimum(x, m), m
+
+
+@needs_exp_diff
+@pytest.mark.parametrize("m_range", [(-5.0, 5.0), (-200.0, 200.0), (1e3, 1e5), (-1e5, -1e3), (1e20, 1e30)])
+def test_exp_diff32_accuracy(m_range):
+    rng = np.random.default_rng(5)
+    x, m = _x_below_m(rng, np.float32, 200_000, *m_range, span=110.0)
+    got = _exp_diff_np(x, m, np.float32)
+    exact = np.exp(x.astype(np.float64) - m.astype(np.float64))  # exact difference of float32s
+    tiny = exact < F32_TINY
+    ulp = np.where(tiny, F32_SUB_ULP, np.spacing(exact.astype(np.float32)).astype(np.float64))
+    err = np.abs(got.astype(np.float64) - exact) / ulp
+    assert np.all(err[~tiny] <= 2.0), _worst(x[~tiny], err[~tiny])
+    assert np.all(err[tiny] <= 1.0), _worst(x[tiny], err[tiny])
+
+
+@needs_exp_diff
+@pytest.mark.parametrize("m_range", [(-5.0, 5.0), (-700.0, 700.0), (1e5, 1e7), (-1e7, -1e5), (1e200, 1e300)])
+def test_exp_diff64_accuracy(m_range):
+    rng = np.random.default_rng(6)
+    x, m = _x_below_m(rng, np.float64, 200_000, *m_range, span=760.0)
+    got = _exp_diff_np(x, m, np.float64)
+    # x - m exactly: mpmath on a sample, np.exp of the float64 difference is not exact
+    idx = rng.choice(x.size, 1500, replace=False)
+    errs = []
+    with mpmath.workprec(120):
+        for i in idx:
+            exact = mpmath.exp(mpmath.mpf(float(x[i])) - mpmath.mpf(float(m[i])))
+            ef = float(exact)
+            ulp = F64_SUB_ULP if ef < F64_TINY else float(np.spacing(ef))
+            lim = 1.0 if ef < F64_TINY else 2.0
+            errs.append(float(abs(mpmath.mpf(float(got[i])) - exact) / ulp) / lim)
+    errs = np.array(errs)
+    assert np.all(errs <= 1.0), _worst(x[idx], errs)
+
+
+@needs_exp_diff
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_exp_diff_special_values(dtype):
+    big = float(np.finfo(dtype).max)
+    cases = [  # (x, m, expected)
+        (0.0, 0.0, 1.0),
+        (1e30, 1e30, 1.0),
+        (-1e30, -1e30, 1.0),
+        (big, big, 1.0),
+        (-big, -big, 1.0),
+        (0.0, 1e30, 0.0),  # m - x far beyond the underflow span
+        (-1e30, 1e30, 0.0),
+        (-big, big, 0.0),
+        (1e20, 1e30, 0.0),
+        (-np.inf, 0.0, 0.0),
+        (-np.inf, 1e30, 0.0),
+        (-np.inf, -1e30, 0.0),
+        (np.nan, 0.0, np.nan),
+        (0.0, np.nan, np.nan),
+        (-np.inf, -np.inf, np.nan),  # an all -inf row
+        (np.inf, np.inf, np.nan),  # a +inf max
+        (0.0, np.inf, np.nan),
+    ]
+    x = np.array([c[0] for c in cases], dtype)
+    m = np.array([c[1] for c in cases], dtype)
+    got = _exp_diff_np(x, m, dtype)
+    for (xi, mi, e), g in zip(cases, got):
+        if np.isnan(e):
+            assert np.isnan(g), f"exp_diff({xi}, {mi}) = {g}, expected NaN"
+        else:
+            assert g == e and not np.signbit(g), f"exp_diff({xi}, {mi}) = {g}, expected {e}"

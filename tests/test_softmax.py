@@ -42,6 +42,8 @@ WITH_DTYPE = ("softmax", "log_softmax")
 JAC_RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 2.5e-13}
 
 SHAPES = [(1, 1), (3, 7), (5, 10), (17, 128), (4, 1000), (2, 3, 33)]
+# Shapes that reach other traversals: many short rows, single class, single row.
+MORE_SHAPES = [(1000, 2), (64, 5), (300, 1), (1, 777)]
 KINDS = ["normal", "uniform1e4", "offset1e4", "equal", "dominant"]
 
 
@@ -122,7 +124,7 @@ def expected_shape(name: str, shape, axis: int, keepdims: bool = False) -> tuple
 
 def value_cases():
     for name in ALL:
-        for shape in SHAPES:
+        for shape in SHAPES + MORE_SHAPES:
             if name == "softmax_jacobian" and shape[-1] > 200:
                 continue  # the (…, C, C) result and its reference get big
             for kind in KINDS:
@@ -184,6 +186,25 @@ def test_axes_3d(name, axis, dtype, rng):
     check(name, got, args, axis, dtype)
 
 
+VIEWS_3D = {
+    "F": lambda a: np.asfortranarray(a[:4, :5, :6]),
+    "mid_reversed_last_step2": lambda a: a[:4, ::-1, ::2],
+    "first_step2_last_reversed": lambda a: a[::2, :5, ::-1],
+    "all_reversed_step2": lambda a: a[::-2, ::-2, ::-2],
+}
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+@pytest.mark.parametrize("view", list(VIEWS_3D))
+@pytest.mark.parametrize("name", ALL)
+def test_layouts_3d(name, view, axis, rng):
+    base = make_x("normal", (8, 10, 12), np.float64, rng)
+    args = tuple(VIEWS_3D[view](a) for a in make_inputs(name, base, axis, rng))
+    got = fn(name)(*args, axis=axis)
+    assert got.shape == expected_shape(name, args[0].shape, axis)
+    check(name, got, args, axis, np.float64)
+
+
 @pytest.mark.parametrize("axis", [0, 1, -1, -2])
 @pytest.mark.parametrize("name", ALL)
 def test_axes_3d_transposed_views(name, axis, rng):
@@ -226,6 +247,50 @@ def test_layouts_readonly_unmodified(name, layout, axis, dtype, rng):
     check(name, got, before, axis, dtype)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize(("shape", "axis"), [((7, 129), 0), ((2, 33, 257), 1), ((5, 1), 0), ((1, 5), 0), ((3, 2, 1000), 0)])
+@pytest.mark.parametrize("name", ALL)
+def test_class_axis_not_last(name, shape, axis, dtype, rng):
+    """Classes strided, a contiguous inner axis of awkward lengths (tiling edges)."""
+    if name == "softmax_jacobian" and np.prod(shape) * shape[axis] > 1_000_000:
+        pytest.skip("result too big for a unit test")
+    x = make_x("normal", shape, dtype, rng)
+    args = make_inputs(name, x, axis, rng)
+    got = fn(name)(*args, axis=axis)
+    assert got.shape == expected_shape(name, shape, axis)
+    check(name, got, args, axis, dtype)
+
+
+@pytest.mark.parametrize("byteorder", [">", "<"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", ALL)
+def test_non_native_byte_order(name, dtype, byteorder, rng):
+    """Big-endian input (anything np.asarray accepts): right values, float result."""
+    x = make_x("normal", (4, 9), dtype, rng)
+    args = make_inputs(name, x, -1, rng)
+    swapped = tuple(a.astype(np.dtype(dtype).newbyteorder(byteorder)) for a in args)
+    got = fn(name)(*swapped)
+    assert got.dtype.newbyteorder("=") == np.dtype(dtype)
+    check(name, got.astype(dtype), args, -1, dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", ALL)
+def test_unaligned_input(name, dtype, rng):
+    """A buffer at an odd byte offset: an unaligned (but valid) NumPy array."""
+    x = make_x("normal", (5, 6), dtype, rng)
+    args = make_inputs(name, x, -1, rng)
+    unaligned = []
+    for a in args:
+        raw = np.zeros(a.nbytes + 1, np.uint8)
+        u = raw[1:].view(dtype).reshape(a.shape)
+        u[...] = a
+        assert not u.flags.aligned
+        unaligned.append(u)
+    got = fn(name)(*unaligned)
+    check(name, got, args, -1, dtype)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_broadcast_view_input(name):
     """Zero strides (np.broadcast_to, read-only) are a valid layout too."""
@@ -250,16 +315,17 @@ def test_out_written_and_returned(name, axis, dtype, rng):
 
 
 @pytest.mark.parametrize("out_layout", ["F", "strided", "reversed"])
-@pytest.mark.parametrize("name", SAME_SHAPE)
+@pytest.mark.parametrize("name", WITH_OUT)
 def test_out_any_layout(name, out_layout, rng):
     x = make_x("normal", (6, 9), np.float64, rng)
     args = make_inputs(name, x, -1, rng)
+    shape = expected_shape(name, x.shape, -1)
     if out_layout == "F":
-        out = np.asfortranarray(np.zeros_like(x))
+        out = np.asfortranarray(np.zeros(shape))
     elif out_layout == "strided":
-        out = np.zeros((12, 18))[::2, ::2]
+        out = np.zeros(tuple(2 * n for n in shape))[(slice(None, None, 2),) * len(shape)]
     else:
-        out = np.zeros_like(x)[::-1, ::-1]
+        out = np.zeros(shape)[(slice(None, None, -1),) * len(shape)]
     got = fn(name)(*args, out=out)
     assert got is out
     check(name, out, args, -1, np.float64)
@@ -305,12 +371,11 @@ def test_out_read_only(name, rng):
 
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("axis", [-1, 0])
-@pytest.mark.parametrize("which", [0, 1])
-@pytest.mark.parametrize("name", SAME_SHAPE)
+@pytest.mark.parametrize(
+    ("name", "which"), [(n, 0) for n in SAME_SHAPE] + [(n, 1) for n in BACKWARD]
+)
 def test_out_is_input(name, which, axis, order, rng):
     """``out`` is the input itself (in place); for backward either input."""
-    if name in WITH_DTYPE and which == 1:
-        pytest.skip("one input")
     x = make_x("normal", (7, 11), np.float32, rng)
     args = [np.array(a, order=order) for a in make_inputs(name, x, axis, rng)]
     before = tuple(a.copy() for a in args)
@@ -337,6 +402,43 @@ def test_out_partially_overlapping_input(name, axis, shift, rng):
     got = fn(name)(*call_args, axis=axis, out=out)
     assert got is out
     check(name, out, args, axis, np.float64)
+
+
+@pytest.mark.parametrize("view", ["transposed", "rows_reversed", "cols_reversed", "F_of_C"])
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("name", SAME_SHAPE)
+def test_out_same_memory_other_layout(name, view, axis, rng):
+    """``out`` covers exactly the input's memory but maps indices differently."""
+    n = 7
+    x = make_x("normal", (n, n), np.float64, rng)
+    args = make_inputs(name, x, axis, rng)
+    buf = args[0].copy()
+    if view == "transposed":
+        out = buf.T
+    elif view == "rows_reversed":
+        out = buf[::-1]
+    elif view == "cols_reversed":
+        out = buf[:, ::-1]
+    else:  # the same bytes read as a Fortran array
+        out = np.ndarray((n, n), buf.dtype, buffer=buf, order="F")
+    got = fn(name)(buf, *args[1:], axis=axis, out=out)
+    assert got is out
+    check(name, out, args, axis, np.float64)
+
+
+@pytest.mark.parametrize(("axis", "out_view"), [(-1, "row0"), (-1, "col2"), (0, "row0"), (0, "col2"), (-1, "diag")])
+def test_logsumexp_out_inside_input(axis, out_view, rng):
+    """``out`` is a row, column or diagonal of the input being reduced."""
+    x = make_x("normal", (6, 6), np.float64, rng)
+    buf = x.copy()
+    if out_view == "row0":
+        out = buf[0]
+    elif out_view == "col2":
+        out = buf[:, 2]
+    else:
+        out = np.lib.stride_tricks.as_strided(buf, shape=(6,), strides=(7 * 8,))
+    assert fastsce.logsumexp(buf, axis=axis, out=out) is out
+    check("logsumexp", out, (x,), axis, np.float64)
 
 
 @pytest.mark.parametrize("name", BACKWARD)
@@ -499,23 +601,27 @@ STABLE_ROWS = {
 }
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
+STABLE_CASES = [
+    pytest.param(dtype, row, id=f"{np.dtype(dtype).name}-{row}") for dtype in FLOAT_DTYPES for row in STABLE_ROWS[dtype]
+]
+
+
+@pytest.mark.parametrize(("dtype", "row"), STABLE_CASES)
 @pytest.mark.parametrize("name", FORWARD)
-def test_no_overflow_for_finite_input(name, dtype):
-    for row in STABLE_ROWS[dtype]:
-        x = np.array([row, row[::-1]], dtype=dtype)
-        got = fn(name)(x)
-        check(name, got, (x,), -1, dtype)
-        if name == "softmax":
-            assert np.all(np.isfinite(got)), f"{row}: {got}"
-            np.testing.assert_allclose(got.astype(np.float64).sum(axis=-1), 1.0, rtol=1e-5)
-        elif name == "logsumexp":
-            assert np.all(np.isfinite(got)), f"{row}: {got}"
-        else:
-            assert not np.any(np.isnan(got)) and not np.any(got == np.inf), f"{row}: {got}"
-        # axis 0 takes the other kernel
-        xt = np.ascontiguousarray(x.T)
-        check(name, fn(name)(xt, axis=0), (xt,), 0, dtype)
+def test_no_overflow_for_finite_input(name, dtype, row):
+    x = np.array([row, row[::-1]], dtype=dtype)
+    got = fn(name)(x)
+    check(name, got, (x,), -1, dtype)
+    if name == "softmax":
+        assert np.all(np.isfinite(got)), f"{row}: {got}"
+        np.testing.assert_allclose(got.astype(np.float64).sum(axis=-1), 1.0, rtol=1e-5)
+    elif name == "logsumexp":
+        assert np.all(np.isfinite(got)), f"{row}: {got}"
+    else:
+        assert not np.any(np.isnan(got)) and not np.any(got == np.inf), f"{row}: {got}"
+    # axis 0 takes the other kernel
+    xt = np.ascontiguousarray(x.T)
+    check(name, fn(name)(xt, axis=0), (xt,), 0, dtype)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
@@ -825,6 +931,8 @@ def _thread_cases():
         for axis in (-1, 0):
             for name in WITH_OUT:
                 yield pytest.param(name, shape, axis, id=f"{name}-{shape[0]}x{shape[1]}-axis{axis}")
+    for name in ("softmax", "log_softmax", "logsumexp"):  # one huge row
+        yield pytest.param(name, (1, 1_000_000), -1, id=f"{name}-1x1000000-axis-1")
     yield pytest.param("softmax_jacobian", (300, 30), -1, id="softmax_jacobian-300x30-axis-1")
     yield pytest.param("softmax_jacobian", (30, 300), 0, id="softmax_jacobian-30x300-axis0")
 
@@ -958,3 +1066,21 @@ def test_property_matches_reference(data, dtype, name, layout):
         assert_close_log(np.asarray(got, dtype), ref.logsumexp(x, axis), dtype)
     else:
         check(name, got, args, axis, dtype)
+
+
+@given(data=st.data(), dtype=dtypes)
+def test_property_no_overflow_for_any_finite_input(data, dtype):
+    """Full-range finite logits: probabilities finite and summing to 1, log-probs <= 0."""
+    shape = data.draw(shapes_1_to_3)
+    axis = data.draw(st.integers(-len(shape), len(shape) - 1))
+    width = np.dtype(dtype).itemsize * 8
+    x = data.draw(hnp.arrays(dtype, shape, elements=st.floats(allow_nan=False, allow_infinity=False, width=width)))
+    s = fastsce.softmax(x, axis=axis)
+    assert np.all(np.isfinite(s)) and np.all(s >= 0)
+    np.testing.assert_allclose(s.astype(np.float64).sum(axis=axis), 1.0, rtol=0, atol=1e-5)
+    ls = fastsce.log_softmax(x, axis=axis)
+    assert not np.isnan(ls).any() and np.all(ls <= 0)
+    assert np.all(np.max(ls, axis=axis) > -np.log(x.shape[axis]) - 1e-3)  # the max entry's log-prob
+    lse = np.asarray(fastsce.logsumexp(x, axis=axis))
+    assert np.all(np.isfinite(lse))
+    assert_close_softmax(s, ref.softmax(x, axis), dtype)

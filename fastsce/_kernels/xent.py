@@ -1,0 +1,257 @@
+"""Fused cross-entropy: per-row loss, and the gradient written in the same pass.
+
+Notation per row (``x`` logits, ``s = softmax(x)``, ``lse = logsumexp(x)``, ``w`` class
+weights, ``ε`` label smoothing, ``C`` classes, ``λ`` the z-loss coefficient):
+
+* class index ``t``: ``loss = (1-ε)·w_t·(lse - x_t) + ε/C·Σ_c w_c·(lse - x_c)``
+  = ``(1-ε)·w_t·(lse - x_t) + ε/C·(W·lse - Σ_c w_c x_c)`` with ``W = Σ_c w_c``;
+  ``grad = g·[s·((1-ε)·w_t + ε/C·W) - (1-ε)·w_t·onehot(t) - ε/C·w]``.
+* probabilities ``y`` (smoothed ``y' = (1-ε)·y + ε/C``), ``v = w·y'``:
+  ``loss = V·lse - Σ_c v_c x_c`` with ``V = Σ_c v_c``; ``grad = g·(s·V - v)``.
+* z-loss adds ``λ·lse²`` and ``g_z·2λ·lse·s`` to the gradient.
+
+``g`` (``g_z``) is ``grad_output`` divided by the loss's (z-loss's) mean denominator,
+known before the kernel runs. Each row's gradient is ``s·a - b`` for a per-row ``a``
+and a sparse or per-class ``b``; it is written over the copied logits in place, so
+``exp`` is evaluated once per element and ``inplace=True`` costs no second array.
+
+Rows are processed in fixed chunks of ``CHUNK_ROWS``; each chunk's losses are summed
+in float64 in row order and the chunk sums are added in order by the caller, so
+"mean" and "sum" are bitwise identical for every thread count.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+from .softmax import copy_into, exp_inplace, logsumexp_from_max, parallel, reduction, row_max, scale_inplace
+from .._config import ELEMENTWISE_FASTMATH, JIT_OPTIONS
+
+CHUNK_ROWS = 256
+elementwise = numba.njit(fastmath=ELEMENTWISE_FASTMATH, **JIT_OPTIONS)
+
+
+@numba.njit(**JIT_OPTIONS)
+def chunk_bounds(chunk, n_rows):
+    """Rows ``[lo, hi)`` of chunk ``chunk``."""
+    lo = chunk * CHUNK_ROWS
+    return lo, min(lo + CHUNK_ROWS, n_rows)
+
+
+@numba.njit(**JIT_OPTIONS)
+def chunk_count(n_rows):
+    """Number of row chunks."""
+    return (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+
+
+@parallel
+def check_targets(target, n_classes, ignore_index, weight, chunk_weight, chunk_count_valid):
+    """Validate class indices and sum the weights of the rows that count.
+
+    ``chunk_weight[k]`` = Σ ``weight[t]`` and ``chunk_count_valid[k]`` = the number of
+    rows with ``t != ignore_index`` in chunk ``k``. Returns the first row whose target
+    is neither in ``[0, C)`` nor ``ignore_index``, or -1; nothing is indexed with it.
+    """
+    n_rows = target.size
+    n_chunks = chunk_count(n_rows)
+    first_bad = np.full(n_chunks, n_rows, np.int64)
+    for k in numba.prange(n_chunks):
+        lo, hi = chunk_bounds(k, n_rows)
+        total = 0.0
+        count = 0
+        for i in range(lo, hi):
+            t = target[i]
+            if t == ignore_index:
+                continue
+            if t < 0 or t >= n_classes:
+                first_bad[k] = min(first_bad[k], i)
+                continue
+            total += weight[t]
+            count += 1
+        chunk_weight[k] = total
+        chunk_count_valid[k] = count
+    worst = first_bad.min()
+    return -1 if worst == n_rows else worst
+
+
+@reduction
+def row_dot_weights(row, weight):
+    """``Σ_c weight[c]·row[c]`` as float64."""
+    total = 0.0
+    for j in range(row.size):
+        total += weight[j] * row[j]
+    return total
+
+
+@reduction
+def soft_target_sums(row, y, weight, keep, spread):
+    """``(V, Σ_c v_c·row_c)`` as float64, with ``v = weight·(keep·y + spread)``."""
+    v_total = 0.0
+    vx_total = 0.0
+    for j in range(row.size):
+        v = weight[j] * (keep * y[j] + spread)
+        v_total += v
+        vx_total += v * row[j]
+    return v_total, vx_total
+
+
+@reduction
+def first_argmax(row, m):
+    """Index of the first entry equal to ``m`` (0 when there is none, e.g. NaN)."""
+    for j in range(row.size):
+        if row[j] == m:
+            return j
+    return 0
+
+
+@reduction
+def row_terms(row, want_argmax):
+    """``(max, argmax or -1)`` of a row, before it is overwritten."""
+    m = row_max(row)
+    return m, first_argmax(row, m) if want_argmax else -1
+
+
+@reduction
+def lse_from_total(m, total):
+    """``m + log(total)``, with ``±inf`` for an infinite max (as logsumexp_from_max)."""
+    return np.float64(m) if math.isinf(m) else m + math.log(total)
+
+
+@elementwise
+def smoothed_grad_inplace(row, a, smooth_scale, weight):
+    """``row = row·a - smooth_scale·weight`` (``row`` holds ``exp(x - m)``)."""
+    for j in range(row.size):
+        row[j] = row[j] * a - smooth_scale * weight[j]
+
+
+@elementwise
+def soft_grad_inplace(row, a, y, weight, g, keep, spread):
+    """``row = row·a - g·weight·(keep·y + spread)`` (``row`` holds ``exp(x - m)``)."""
+    for j in range(row.size):
+        row[j] = row[j] * a - g * (weight[j] * (keep * y[j] + spread))
+
+
+@elementwise
+def zero_inplace(row):
+    """``row = 0``."""
+    for j in range(row.size):
+        row[j] = 0.0
+
+
+@numba.njit(**JIT_OPTIONS)
+def _grad_rows_at(grad_rows, i):
+    """``grad_output`` for row ``i``: per-row factors, or one for all rows."""
+    return grad_rows[i] if grad_rows.size > 1 else grad_rows[0]
+
+
+@parallel
+def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, in_place, with_grad,
+                   target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
+                   grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax):
+    """Cross-entropy with class-index targets for each row; see the module docstring.
+
+    ``with_grad``: write the gradient into ``out`` (``in_place``: ``out`` is ``x``).
+    ``grad_rows``: per-row ``grad_output`` factors (length ``n_rows``) or one factor.
+    ``row_loss``, ``row_lse``, ``row_argmax``: per-row outputs, or empty to skip.
+    ``chunk_loss``/``chunk_z``: per-chunk sums of the weighted loss and of ``lse²``
+    over the rows that count.
+    """
+    keep = 1.0 - smoothing
+    spread = smoothing / n_classes
+    dtype = x.dtype.type
+    for k in numba.prange(chunk_count(n_rows)):
+        lo, hi = chunk_bounds(k, n_rows)
+        loss_sum = 0.0
+        z_sum = 0.0
+        for i in range(lo, hi):
+            src = x[x_start + i * x_ld : x_start + i * x_ld + n_classes]
+            t = target[i]
+            valid = t != ignore_index
+            x_t = smooth_dot = w_t = 0.0
+            if with_grad and valid:
+                row = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
+                if not in_place:
+                    copy_into(src, row)
+                m, argmax = row_terms(row, row_argmax.size > 0)
+                x_t = np.float64(row[t])
+                smooth_dot = row_dot_weights(row, weight) if smoothing != 0.0 else 0.0
+                total = exp_inplace(row, m)
+                lse = lse_from_total(m, total)
+                w_t = np.float64(weight[t])
+                g = _grad_rows_at(grad_rows, i) * grad_scale
+                a = (g * (keep * w_t + spread * weight_sum) + _grad_rows_at(grad_rows, i) * z_grad_scale * 2.0 * z_loss * lse) / total
+                if smoothing != 0.0:
+                    smoothed_grad_inplace(row, dtype(a), dtype(g * spread), weight)
+                else:
+                    scale_inplace(row, dtype(a))
+                row[t] -= dtype(g * keep * w_t)
+            else:
+                m, argmax = row_terms(src, row_argmax.size > 0)
+                lse = logsumexp_from_max(src, m) if valid or row_lse.size else 0.0
+                if valid:
+                    x_t = np.float64(src[t])
+                    smooth_dot = row_dot_weights(src, weight) if smoothing != 0.0 else 0.0
+                    w_t = np.float64(weight[t])
+                if with_grad:
+                    zero_inplace(out[out_start + i * out_ld : out_start + i * out_ld + n_classes])
+            loss = 0.0
+            if valid:
+                loss = keep * w_t * (lse - x_t) + spread * (weight_sum * lse - smooth_dot)
+                loss_sum += loss
+                z_sum += lse * lse
+                loss += z_loss * lse * lse
+            if row_loss.size:
+                row_loss[i] = loss
+            if row_lse.size:
+                row_lse[i] = lse
+            if row_argmax.size:
+                row_argmax[i] = argmax
+        chunk_loss[k] = loss_sum
+        chunk_z[k] = z_sum
+
+
+@parallel
+def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n_rows, n_classes, in_place,
+                   with_grad, weight, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows,
+                   chunk_loss, chunk_z, row_loss, row_lse, row_argmax):
+    """Cross-entropy with class-probability targets ``y`` for each row; see the module
+    docstring. Arguments as :func:`hard_xent_rows`."""
+    keep = 1.0 - smoothing
+    spread = smoothing / n_classes
+    dtype = x.dtype.type
+    for k in numba.prange(chunk_count(n_rows)):
+        lo, hi = chunk_bounds(k, n_rows)
+        loss_sum = 0.0
+        z_sum = 0.0
+        for i in range(lo, hi):
+            src = x[x_start + i * x_ld : x_start + i * x_ld + n_classes]
+            probs = y[y_start + i * y_ld : y_start + i * y_ld + n_classes]
+            if with_grad:
+                row = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
+                if not in_place:
+                    copy_into(src, row)
+                m, argmax = row_terms(row, row_argmax.size > 0)
+                v_total, vx_total = soft_target_sums(row, probs, weight, keep, spread)
+                total = exp_inplace(row, m)
+                lse = lse_from_total(m, total)
+                g = _grad_rows_at(grad_rows, i) * grad_scale
+                a = (g * v_total + _grad_rows_at(grad_rows, i) * z_grad_scale * 2.0 * z_loss * lse) / total
+                soft_grad_inplace(row, dtype(a), probs, weight, dtype(g), dtype(keep), dtype(spread))
+            else:
+                m, argmax = row_terms(src, row_argmax.size > 0)
+                v_total, vx_total = soft_target_sums(src, probs, weight, keep, spread)
+                lse = logsumexp_from_max(src, m)
+            loss = v_total * lse - vx_total
+            loss_sum += loss
+            z_sum += lse * lse
+            if row_loss.size:
+                row_loss[i] = loss + z_loss * lse * lse
+            if row_lse.size:
+                row_lse[i] = lse
+            if row_argmax.size:
+                row_argmax[i] = argmax
+        chunk_loss[k] = loss_sum
+        chunk_z[k] = z_sum
