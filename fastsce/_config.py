@@ -75,3 +75,12 @@ def cache_dir() -> str:
     if configured:
         return configured
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
+
+
+def threading_layer() -> str:
+    """The Numba threading layer in use ("not started" before the first parallel call)."""
+    numba = _numba()
+    try:
+        return str(numba.threading_layer())
+    except ValueError:
+        return "not started"

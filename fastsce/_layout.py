@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Operand", "Plan", "plan_layout"]
+__all__ = ["Operand", "Plan", "aligned_copy", "plan_layout", "require_plan"]
 
 
 @dataclass(frozen=True)
@@ -99,14 +99,17 @@ def plan_layout(arrays: list[np.ndarray], axis: int) -> Plan | None:
     strides = [_element_strides(a) for a in arrays]
     if any(s is None for s in strides):
         return None
-    # Size-1 axes address nothing: give them stride 0 so they never block a collapse.
+    # Size-1 axes address nothing and never block a collapse; a single class is
+    # contiguous whatever its stride says.
+    if shape[axis] == 1:
+        strides = [tuple(1 if a == axis else s for a, s in enumerate(st)) for st in strides]
     others = [a for a in range(len(shape)) if a != axis and shape[a] > 1]
     singles = tuple(a for a in range(len(shape)) if a != axis and shape[a] == 1)
     reference = strides[0]
 
     inner: list[int] = []
-    unit = [a for a in others if all(abs(st[a]) == 1 and st[a] == reference[a] for st in strides)]
-    if unit and reference[unit[0]] == 1:
+    unit = [a for a in others if all(st[a] == 1 for st in strides)]
+    if unit and shape[axis] > 1:
         # Grow the contiguous block outward from the unit-stride axis.
         inner = [unit[0]]
         grown = True
@@ -142,3 +145,17 @@ def plan_layout(arrays: list[np.ndarray], axis: int) -> Plan | None:
         outer_axes=singles + tuple(outer),
         inner_axes=tuple(inner),
     )
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """A fresh C-ordered, aligned copy (``np.ascontiguousarray`` keeps unaligned views)."""
+    return np.array(array, order="C", copy=True)
+
+
+def require_plan(arrays: list[np.ndarray], axis: int) -> Plan:
+    """:func:`plan_layout` for arrays that are fresh copies or allocations: never None."""
+    plan = plan_layout(arrays, axis)
+    if plan is None:
+        shapes = [(a.shape, a.strides) for a in arrays]
+        raise RuntimeError(f"fastsce: no kernel layout for arrays {shapes} along axis {axis}")
+    return plan

@@ -40,6 +40,7 @@ __all__ = [
     "float64_to_bits",
     "fmaximum",
     "mul_pow2",
+    "mul_pow2_nonpositive",
     "rounded_int_from_shifted",
 ]
 
@@ -113,6 +114,31 @@ def mul_pow2(typingctx, value, k):
     return value(value, k), codegen
 
 
+# Bias for mul_pow2_nonpositive: 2**(k + bias) is normal for every k the clamped
+# exp_diff can produce (f32: [-150, 0]; f64: [-1076, 0]).
+_NONPOSITIVE_BIAS = {types.float32: 64, types.float64: 512}
+
+
+@intrinsic
+def mul_pow2_nonpositive(typingctx, value, k):
+    """``value * 2**k`` for ``k <= 0``: ``value * 2**(k + B)`` (exact) ``* 2**-B``, which
+    rounds once into the subnormal range. Two integer ops instead of mul_pow2's ten."""
+    if value not in _FLOAT_FORMATS or k != _FLOAT_FORMATS[value][0]:
+        return None
+    _, exponent_bias, mantissa_bits, _ = _FLOAT_FORMATS[value]
+    bias = _NONPOSITIVE_BIAS[value]
+
+    def codegen(context, builder, signature, args):
+        x, n = args
+        ll_int = n.type
+        ll_float = context.get_value_type(value)
+        biased = builder.shl(builder.add(n, ll_int(bias + exponent_bias)), ll_int(mantissa_bits))
+        unbias = ll_float(float(2.0 ** -bias))
+        return builder.fmul(builder.fmul(x, builder.bitcast(biased, ll_float)), unbias)
+
+    return value(value, k), codegen
+
+
 @intrinsic
 def fmaximum(typingctx, a, b):
     """NaN-propagating max (``llvm.maximum``). LLVM vectorizes a reduction written with
@@ -144,13 +170,11 @@ _F32_P3 = np.float32(4.1665795894e-2)
 _F32_P4 = np.float32(1.6666665459e-1)
 _F32_P5 = np.float32(5.0000001201e-1)
 _F32_ONE = np.float32(1.0)
-_F32_UNDERFLOW_SPAN = -_F32_LO  # e**(x - m) is 0 below m - 104
 
 
 # float64 constants: k within [-1076, 1025] after clamping, both halves normal.
 _F64_HI = 710.0
 _F64_LO = -746.0
-_F64_UNDERFLOW_SPAN = -_F64_LO
 _F64_LOG2E = 1.4426950408889634
 _F64_LN2_HI = 6.93147180369123816490e-01  # fdlibm split: k*LN2_HI exact for |k|<2^11
 _F64_LN2_LO = 1.90821492927058770002e-10
@@ -161,8 +185,9 @@ _F64_SHIFTER = 6755399441055744.0  # 1.5 * 2**52
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
-def _exp32_reduced(x: np.float32, tail: np.float32) -> np.float32:
-    """``e**(x + tail)`` for ``x`` in [-104, 89] or NaN, ``|tail| <= ulp(x)``."""
+def _exp32_reduced(x: np.float32, tail: np.float32) -> tuple[np.float32, np.int32]:
+    """``(p, k)`` with ``e**(x + tail) = p * 2**k``, ``x`` in [-104, 89] or NaN and
+    ``|tail| <= ulp(x)``."""
     shifted = x * _F32_LOG2E + _F32_SHIFTER
     kf = shifted - _F32_SHIFTER  # round(x / ln2), exact (no `reassoc` to fold it)
     r = x - kf * _F32_LN2_HI
@@ -174,12 +199,13 @@ def _exp32_reduced(x: np.float32, tail: np.float32) -> np.float32:
     p = p * r + _F32_P4
     p = p * r + _F32_P5
     p = p * (r * r) + r + _F32_ONE
-    return mul_pow2(p, rounded_int_from_shifted(shifted))
+    return p, rounded_int_from_shifted(shifted)
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
-def _exp64_reduced(x: float, tail: float) -> float:
-    """``e**(x + tail)`` for ``x`` in [-746, 710] or NaN, ``|tail| <= ulp(x)``."""
+def _exp64_reduced(x: float, tail: float) -> tuple[float, int]:
+    """``(p, k)`` with ``e**(x + tail) = p * 2**k``, ``x`` in [-746, 710] or NaN and
+    ``|tail| <= ulp(x)``."""
     shifted = x * _F64_LOG2E + _F64_SHIFTER
     kf = shifted - _F64_SHIFTER
     r = x - kf * _F64_LN2_HI
@@ -197,7 +223,7 @@ def _exp64_reduced(x: float, tail: float) -> float:
     p = p * r + _F64_C3
     p = p * r + _F64_C2
     p = p * (r * r) + r + 1.0
-    return mul_pow2(p, rounded_int_from_shifted(shifted))
+    return p, rounded_int_from_shifted(shifted)
 
 
 # Clamps are written `LO if x < LO else x` so that NaN passes through them.
@@ -206,7 +232,8 @@ def exp32(x: np.float32) -> np.float32:
     """``e**x`` for float32, within 1 ulp over the whole range, NaN/inf preserving."""
     x = _F32_HI if x > _F32_HI else x
     x = _F32_LO if x < _F32_LO else x
-    return _exp32_reduced(x, np.float32(0.0))
+    p, k = _exp32_reduced(x, np.float32(0.0))
+    return mul_pow2(p, k)
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
@@ -214,7 +241,8 @@ def exp64(x: float) -> float:
     """``e**x`` for float64, within 1 ulp over the whole range, NaN/inf preserving."""
     x = _F64_HI if x > _F64_HI else x
     x = _F64_LO if x < _F64_LO else x
-    return _exp64_reduced(x, 0.0)
+    p, k = _exp64_reduced(x, 0.0)
+    return mul_pow2(p, k)
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
@@ -233,23 +261,27 @@ def exp_diff32(x: np.float32, m: np.float32) -> np.float32:
     """``e**(x - m)`` for float32 and ``x <= m`` (``m`` a row maximum).
 
     ``x - m`` is taken exactly: its rounding error is carried into the reduced
-    argument, so the result stays within ~1 ulp even for large ``m - x``. One
-    clamp at ``m - 104`` covers underflow to 0 and ``x = -inf``; a NaN ``x`` or a
-    non-finite ``m`` gives NaN.
+    argument, so the result stays within ~1 ulp even for large ``m - x``. A
+    difference below -104 (``x = -inf``, any finite ``x`` below ``m = +inf``, any ``x``
+    far below a huge ``m``) gives 0; NaN in ``x`` or ``m`` and ``x = m = ±inf`` give NaN.
     """
-    floor = m - _F32_UNDERFLOW_SPAN
-    x = floor if x < floor else x
     d, tail = _difference_with_error(x, m)
-    return _exp32_reduced(d, tail)
+    underflows = d < _F32_LO  # False for NaN, which passes through
+    d = _F32_LO if underflows else d
+    tail = np.float32(0.0) if underflows else tail
+    p, k = _exp32_reduced(d, tail)
+    return mul_pow2_nonpositive(p, k)
 
 
 @numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
 def exp_diff64(x: float, m: float) -> float:
     """``e**(x - m)`` for float64 and ``x <= m``; see :func:`exp_diff32`."""
-    floor = m - _F64_UNDERFLOW_SPAN
-    x = floor if x < floor else x
     d, tail = _difference_with_error(x, m)
-    return _exp64_reduced(d, tail)
+    underflows = d < _F64_LO
+    d = _F64_LO if underflows else d
+    tail = 0.0 if underflows else tail
+    p, k = _exp64_reduced(d, tail)
+    return mul_pow2_nonpositive(p, k)
 
 def exp(x):
     """``e**x`` in the precision of ``x``: :func:`exp32` or :func:`exp64`.

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._layout import Plan, plan_layout
+from ._layout import Plan, aligned_copy, plan_layout, require_plan
 from ._validation import as_float_array, check_out, normalize_axis, readonly_view
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "nll_loss"]
@@ -183,12 +183,12 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     copied = plan is None and n_rows > 0 and n_classes > 0
     if copied:
         work_axis = logits.ndim - 1
-        work_logits = np.ascontiguousarray(np.moveaxis(logits, axis, -1))
-        work_probs = np.ascontiguousarray(np.moveaxis(probs, axis, -1)) if soft else None
+        work_logits = aligned_copy(np.moveaxis(logits, axis, -1))
+        work_probs = aligned_copy(np.moveaxis(probs, axis, -1)) if soft else None
         work_grad = np.empty_like(work_logits) if with_grad else None
         operands = [readonly_view(work_logits)] + ([readonly_view(work_probs)] if soft else []) + (
             [work_grad] if with_grad else [])
-        plan = _rows_plan(operands, work_axis)
+        plan = require_plan(operands, work_axis)
 
     row_loss = np.empty(n_rows if reduction == "none" else 0, np.float64)
     row_lse = np.empty(n_rows if return_lse else 0, np.float64)

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._config import get_num_threads
-from ._layout import Plan, plan_layout
+from ._layout import Plan, aligned_copy, plan_layout, require_plan
 from ._validation import as_float_array, check_out, normalize_axis, readonly_view, result_dtype
 
 __all__ = [
@@ -22,6 +22,8 @@ __all__ = [
 
 # A column tile (classes x neighbouring columns) should stay in L2 between its passes.
 _TILE_BYTES = 256 * 1024
+# Below this many classes, rows are processed in blocks (see _kernels.softmax).
+SMALL_CLASSES = 64
 # softmax_jacobian materializes C*C per row; refuse sizes that are surely a mistake.
 JACOBIAN_MAX_CLASSES = 4096
 JACOBIAN_MAX_ELEMENTS = 2**27
@@ -48,6 +50,12 @@ def _column_block(plan: Plan, itemsize: int) -> int:
     while block > 16 and plan.n_outer * -(-plan.n_inner // block) < 4 * get_num_threads():
         block //= 2
     return min(block, plan.n_inner)
+
+
+def _is_small_class_rows(plan: Plan) -> bool:
+    """Few classes in back-to-back rows: the row-block kernels apply."""
+    return (plan.is_rows and plan.n_classes < SMALL_CLASSES
+            and all(op.outer_stride == plan.n_classes or plan.n_outer == 1 for op in plan.operands))
 
 
 def _kernel_args(plan: Plan) -> tuple[Any, ...]:
@@ -86,13 +94,18 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
         target = np.empty_like(like)
     (target, *inputs), flipped = _class_flipped([target, *inputs], axis)
     plan = plan_layout([readonly_view(x) for x in inputs] + [target], axis)
-    if plan is None:  # layouts no common view describes: contiguous copies
-        inputs = [np.ascontiguousarray(x) for x in inputs]
+    if plan is None:  # layouts no common view describes (unaligned, interleaved): copies
+        inputs = [aligned_copy(x) for x in inputs]
         target = np.empty(inputs[0].shape, like.dtype)
         in_place = False
-        plan = plan_layout([readonly_view(x) for x in inputs] + [target], axis)
-    suffix = "rows" if plan.is_rows else "columns"
-    getattr(_kernels(), f"{name}_{suffix}")(*_kernel_args(plan), in_place)
+        plan = require_plan([readonly_view(x) for x in inputs] + [target], axis)
+    if _is_small_class_rows(plan) and name in ("softmax", "log_softmax"):
+        (source, destination) = plan.operands
+        getattr(_kernels(), f"{name}_row_blocks")(source.buffer, source.start, destination.buffer, destination.start,
+                                                 plan.n_outer, plan.n_classes, in_place)
+    else:
+        suffix = "rows" if plan.is_rows else "columns"
+        getattr(_kernels(), f"{name}_{suffix}")(*_kernel_args(plan), in_place)
     if not np.may_share_memory(target, result):
         np.copyto(result, np.flip(target, axis) if flipped else target)
     return result
@@ -193,11 +206,13 @@ def logsumexp(
         (x,), _ = _class_flipped([x], axis)
         plan = plan_layout([readonly_view(x)], axis)
         if plan is None:
-            x = np.ascontiguousarray(x)
-            plan = plan_layout([readonly_view(x)], axis)
+            x = aligned_copy(x)
+            plan = require_plan([readonly_view(x)], axis)
         flat = np.empty(plan.n_outer * plan.n_inner, x.dtype)
         (source,) = plan.operands
-        if plan.is_rows:
+        if _is_small_class_rows(plan):
+            _kernels().logsumexp_row_blocks(source.buffer, source.start, flat, plan.n_outer, plan.n_classes)
+        elif plan.is_rows:
             _kernels().logsumexp_rows(source.buffer, source.start, source.outer_stride, flat,
                                       plan.n_outer, plan.n_classes)
         else:

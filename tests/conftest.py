@@ -68,7 +68,9 @@ def _check_special(got: np.ndarray, ref: np.ndarray, dtype) -> np.ndarray:
 
 def _report(what: str, got, ref, bad, err=None, bound=None) -> str:
     idx = np.argwhere(np.atleast_1d(bad))
-    lines = [f"{what}: {idx.shape[0]} of {np.size(bad)} entries, first at {tuple(idx[0]) if len(idx) else ()}"]
+    lines = [
+        f"{what}: {idx.shape[0]} of {np.size(bad)} entries, first at {tuple(idx[0]) if len(idx) else ()}"
+    ]
     got1 = np.atleast_1d(got)
     ref1 = np.atleast_1d(ref)
     for k in idx[:5]:
@@ -92,7 +94,9 @@ def assert_close_softmax(got, ref, dtype) -> None:
     ref = np.asarray(ref, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         err = np.where(finite, np.abs(got64 - ref), 0.0)
-        bound = np.where(np.abs(ref) >= LINEAR_FLOOR[dtype], LINEAR_RTOL[dtype] * np.abs(ref), LINEAR_ATOL[dtype])
+        bound = np.where(
+            np.abs(ref) >= LINEAR_FLOOR[dtype], LINEAR_RTOL[dtype] * np.abs(ref), LINEAR_ATOL[dtype]
+        )
     bad = err > bound
     assert not bad.any(), _report("softmax values outside the §4 bound", got, ref, bad, err, bound)
 

@@ -211,7 +211,9 @@ def test_axes_3d_transposed_views(name, axis, rng):
     """A transposed view: no axis is contiguous in the order the wrapper sees."""
     x = make_x("normal", (6, 5, 4), np.float32, rng).transpose(2, 0, 1)  # (4, 6, 5) view
     # The same values, each laid out as a transposed view like `x`.
-    args = tuple(np.ascontiguousarray(a.transpose(1, 2, 0)).transpose(2, 0, 1) for a in make_inputs(name, x, axis, rng))
+    args = tuple(
+        np.ascontiguousarray(a.transpose(1, 2, 0)).transpose(2, 0, 1) for a in make_inputs(name, x, axis, rng)
+    )
     assert not args[0].flags.c_contiguous and not args[0].flags.f_contiguous
     got = fn(name)(*args, axis=axis)
     check(name, got, args, axis, np.float32)
@@ -248,7 +250,9 @@ def test_layouts_readonly_unmodified(name, layout, axis, dtype, rng):
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize(("shape", "axis"), [((7, 129), 0), ((2, 33, 257), 1), ((5, 1), 0), ((1, 5), 0), ((3, 2, 1000), 0)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((7, 129), 0), ((2, 33, 257), 1), ((5, 1), 0), ((1, 5), 0), ((3, 2, 1000), 0)]
+)
 @pytest.mark.parametrize("name", ALL)
 def test_class_axis_not_last(name, shape, axis, dtype, rng):
     """Classes strided, a contiguous inner axis of awkward lengths (tiling edges)."""
@@ -296,7 +300,11 @@ def test_broadcast_view_input(name):
     """Zero strides (np.broadcast_to, read-only) are a valid layout too."""
     row = np.array([0.5, -1.0, 2.0, 3.0], dtype=np.float64)
     x = np.broadcast_to(row, (5, 4))
-    args = (x,) if name not in BACKWARD else (np.broadcast_to(row[::-1], (5, 4)), np.broadcast_to(row / 10, (5, 4)))
+    args = (
+        (x,)
+        if name not in BACKWARD
+        else (np.broadcast_to(row[::-1], (5, 4)), np.broadcast_to(row / 10, (5, 4)))
+    )
     got = fn(name)(*args)
     check(name, got, tuple(np.array(a) for a in args), -1, np.float64)
 
@@ -314,7 +322,7 @@ def test_out_written_and_returned(name, axis, dtype, rng):
     check(name, out, args, axis, dtype)
 
 
-@pytest.mark.parametrize("out_layout", ["F", "strided", "reversed"])
+@pytest.mark.parametrize("out_layout", ["F", "strided", "reversed", "unaligned"])
 @pytest.mark.parametrize("name", WITH_OUT)
 def test_out_any_layout(name, out_layout, rng):
     x = make_x("normal", (6, 9), np.float64, rng)
@@ -324,8 +332,11 @@ def test_out_any_layout(name, out_layout, rng):
         out = np.asfortranarray(np.zeros(shape))
     elif out_layout == "strided":
         out = np.zeros(tuple(2 * n for n in shape))[(slice(None, None, 2),) * len(shape)]
-    else:
+    elif out_layout == "reversed":
         out = np.zeros(shape)[(slice(None, None, -1),) * len(shape)]
+    else:
+        out = np.zeros(int(np.prod(shape)) * 8 + 1, np.uint8)[1:].view(np.float64).reshape(shape)
+        assert not out.flags.aligned
     got = fn(name)(*args, out=out)
     assert got is out
     check(name, out, args, -1, np.float64)
@@ -341,7 +352,9 @@ def test_out_wrong_shape(name, rng):
             fn(name)(*args, out=np.empty(shape))
 
 
-@pytest.mark.parametrize(("in_dtype", "out_dtype"), [(np.float64, np.float32), (np.float32, np.float64), (np.float64, np.int64)])
+@pytest.mark.parametrize(
+    ("in_dtype", "out_dtype"), [(np.float64, np.float32), (np.float32, np.float64), (np.float64, np.int64)]
+)
 @pytest.mark.parametrize("name", WITH_OUT)
 def test_out_wrong_dtype(name, in_dtype, out_dtype, rng):
     x = make_x("normal", (6, 9), in_dtype, rng)
@@ -371,9 +384,7 @@ def test_out_read_only(name, rng):
 
 @pytest.mark.parametrize("order", ["C", "F"])
 @pytest.mark.parametrize("axis", [-1, 0])
-@pytest.mark.parametrize(
-    ("name", "which"), [(n, 0) for n in SAME_SHAPE] + [(n, 1) for n in BACKWARD]
-)
+@pytest.mark.parametrize(("name", "which"), [(n, 0) for n in SAME_SHAPE] + [(n, 1) for n in BACKWARD])
 def test_out_is_input(name, which, axis, order, rng):
     """``out`` is the input itself (in place); for backward either input."""
     x = make_x("normal", (7, 11), np.float32, rng)
@@ -393,7 +404,7 @@ def test_out_partially_overlapping_input(name, axis, shift, rng):
     dr = 1 if shift in ("row", "row_and_col") else 0
     dc = 1 if shift in ("col", "row_and_col") else 0
     buf = np.zeros((n + dr, c + dc))
-    x_view = buf[: n, : c]
+    x_view = buf[:n, :c]
     out = buf[dr:, dc:]
     x = make_x("normal", (n, c), np.float64, rng)
     args = make_inputs(name, x, axis, rng)
@@ -426,7 +437,9 @@ def test_out_same_memory_other_layout(name, view, axis, rng):
     check(name, out, args, axis, np.float64)
 
 
-@pytest.mark.parametrize(("axis", "out_view"), [(-1, "row0"), (-1, "col2"), (0, "row0"), (0, "col2"), (-1, "diag")])
+@pytest.mark.parametrize(
+    ("axis", "out_view"), [(-1, "row0"), (-1, "col2"), (0, "row0"), (0, "col2"), (-1, "diag")]
+)
 def test_logsumexp_out_inside_input(axis, out_view, rng):
     """``out`` is a row, column or diagonal of the input being reduced."""
     x = make_x("normal", (6, 6), np.float64, rng)
@@ -542,7 +555,9 @@ def test_unsupported_dtypes_raise_typeerror_naming_dtype(name, kind):
 
 # ------------------------------------------------------------------------- empty ----
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize(("shape", "axis"), [((0, 5), -1), ((0, 5), 0), ((3, 0), -1), ((3, 0), 0), ((2, 0, 4), 1), ((0,), 0)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((0, 5), -1), ((0, 5), 0), ((3, 0), -1), ((3, 0), 0), ((2, 0, 4), 1), ((0,), 0)]
+)
 @pytest.mark.parametrize("name", ALL)
 def test_empty(name, shape, axis, dtype):
     x = np.zeros(shape, dtype)
@@ -602,7 +617,9 @@ STABLE_ROWS = {
 
 
 STABLE_CASES = [
-    pytest.param(dtype, row, id=f"{np.dtype(dtype).name}-{row}") for dtype in FLOAT_DTYPES for row in STABLE_ROWS[dtype]
+    pytest.param(dtype, row, id=f"{np.dtype(dtype).name}-{row}")
+    for dtype in FLOAT_DTYPES
+    for row in STABLE_ROWS[dtype]
 ]
 
 
@@ -714,7 +731,9 @@ def test_logsumexp_keepdims(axis, dtype, rng):
     assert fastsce.logsumexp(x, axis=axis, keepdims=True, out=out) is out
     assert np.array_equal(out, got)
     with pytest.raises(ValueError):  # a keepdims=False shape is not a keepdims=True one
-        fastsce.logsumexp(x, axis=axis, keepdims=True, out=np.empty(expected_shape("logsumexp", x.shape, axis), dtype))
+        fastsce.logsumexp(
+            x, axis=axis, keepdims=True, out=np.empty(expected_shape("logsumexp", x.shape, axis), dtype)
+        )
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
@@ -733,7 +752,9 @@ def test_logsumexp_matches_scipy_when_available(rng):
     special = pytest.importorskip("scipy.special")
     x = make_x("normal", (6, 30), np.float64, rng)
     for axis in (0, 1):
-        np.testing.assert_allclose(fastsce.logsumexp(x, axis=axis), special.logsumexp(x, axis=axis), rtol=1e-13)
+        np.testing.assert_allclose(
+            fastsce.logsumexp(x, axis=axis), special.logsumexp(x, axis=axis), rtol=1e-13
+        )
 
 
 # ----------------------------------------------------------------------- backward ----
@@ -751,7 +772,9 @@ def test_softmax_backward_is_jacobian_vector_product(shape, axis, dtype, rng):
     assert_close_scaled(got, ref.jvp_via_jacobian(x, g, axis), scale, dtype, jvp_rtol)
     jac = fastsce.softmax_jacobian(x, axis=axis).astype(np.float64)
     jac_gv = np.einsum("...ij,...j->...i", jac, np.moveaxis(g.astype(np.float64), axis, -1))
-    assert_close_scaled(got, np.moveaxis(jac_gv, -1, axis), scale, dtype, jvp_rtol + JAC_RTOL[np.dtype(dtype)])
+    assert_close_scaled(
+        got, np.moveaxis(jac_gv, -1, axis), scale, dtype, jvp_rtol + JAC_RTOL[np.dtype(dtype)]
+    )
     assert np.allclose(jac, np.swapaxes(jac, -1, -2), rtol=0, atol=1e-6 if dtype == np.float32 else 1e-15)
 
 
@@ -763,7 +786,10 @@ def test_backward_keywords(name, rng):
     check(name, got, (g, o), -1, np.float64)
 
 
-@pytest.mark.parametrize(("g_shape", "o_shape"), [((3, 5), (3, 4)), ((3, 5), (5, 3)), ((3, 5), (5,)), ((3, 5), (1, 5)), ((2, 3, 5), (3, 5))])
+@pytest.mark.parametrize(
+    ("g_shape", "o_shape"),
+    [((3, 5), (3, 4)), ((3, 5), (5, 3)), ((3, 5), (5,)), ((3, 5), (1, 5)), ((2, 3, 5), (3, 5))],
+)
 @pytest.mark.parametrize("name", BACKWARD)
 def test_backward_shape_mismatch(name, g_shape, o_shape):
     with pytest.raises(ValueError):
@@ -789,7 +815,9 @@ def test_log_softmax_backward_is_gradient_of_sum(rng):
 
 # ----------------------------------------------------------------------- jacobian ----
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize(("shape", "axis"), [((4,), 0), ((3, 5), -1), ((3, 5), 0), ((2, 3, 4), 1), ((2, 3, 4), -3)])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((4,), 0), ((3, 5), -1), ((3, 5), 0), ((2, 3, 4), 1), ((2, 3, 4), -3)]
+)
 def test_softmax_jacobian_shape_and_values(shape, axis, dtype, rng):
     x = make_x("normal", shape, dtype, rng)
     got = fastsce.softmax_jacobian(x, axis=axis)
@@ -799,7 +827,9 @@ def test_softmax_jacobian_shape_and_values(shape, axis, dtype, rng):
     assert got.dtype == dtype
     check("softmax_jacobian", got, (x,), axis, dtype)
     # rows of the Jacobian sum to 0: softmax is shift invariant
-    np.testing.assert_allclose(got.astype(np.float64).sum(axis=-1), 0.0, atol=1e-6 if dtype == np.float32 else 1e-14)
+    np.testing.assert_allclose(
+        got.astype(np.float64).sum(axis=-1), 0.0, atol=1e-6 if dtype == np.float32 else 1e-14
+    )
 
 
 def test_softmax_jacobian_refuses_large_classes_before_allocating():
@@ -894,9 +924,8 @@ def test_set_num_threads_bad_value(bad, restore_threads):
     with pytest.raises(ValueError):
         fastsce.set_num_threads(bad)
     assert fastsce.get_num_threads() == restore_threads
-    with pytest.raises(ValueError):
-        with fastsce.threads(bad):
-            pass
+    with pytest.raises(ValueError), fastsce.threads(bad):
+        pass
     assert fastsce.get_num_threads() == restore_threads
 
 
@@ -904,9 +933,8 @@ def test_set_num_threads_bad_value(bad, restore_threads):
 def test_set_num_threads_bad_type(bad, restore_threads):
     with pytest.raises(TypeError):
         fastsce.set_num_threads(bad)
-    with pytest.raises(TypeError):
-        with fastsce.threads(bad):
-            pass
+    with pytest.raises(TypeError), fastsce.threads(bad):
+        pass
     assert fastsce.get_num_threads() == restore_threads
 
 
@@ -919,10 +947,9 @@ def test_threads_context_restores(restore_threads):
             assert fastsce.get_num_threads() == 2
         assert fastsce.get_num_threads() == 1
     assert fastsce.get_num_threads() == 2
-    with pytest.raises(RuntimeError):
-        with fastsce.threads(1):
-            assert fastsce.get_num_threads() == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), fastsce.threads(1):
+        assert fastsce.get_num_threads() == 1
+        raise RuntimeError("boom")
     assert fastsce.get_num_threads() == 2
 
 
@@ -1010,7 +1037,11 @@ def test_property_backward_is_jvp(data, dtype):
 
 
 @given(
-    x=hnp.arrays(np.float64, hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=40), elements=_elements(np.float64, 30.0)),
+    x=hnp.arrays(
+        np.float64,
+        hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=40),
+        elements=_elements(np.float64, 30.0),
+    ),
     data=st.data(),
 )
 def test_property_logsumexp_gradient_is_softmax(x, data):
@@ -1074,7 +1105,9 @@ def test_property_no_overflow_for_any_finite_input(data, dtype):
     shape = data.draw(shapes_1_to_3)
     axis = data.draw(st.integers(-len(shape), len(shape) - 1))
     width = np.dtype(dtype).itemsize * 8
-    x = data.draw(hnp.arrays(dtype, shape, elements=st.floats(allow_nan=False, allow_infinity=False, width=width)))
+    x = data.draw(
+        hnp.arrays(dtype, shape, elements=st.floats(allow_nan=False, allow_infinity=False, width=width))
+    )
     s = fastsce.softmax(x, axis=axis)
     assert np.all(np.isfinite(s)) and np.all(s >= 0)
     np.testing.assert_allclose(s.astype(np.float64).sum(axis=axis), 1.0, rtol=0, atol=1e-5)

@@ -50,6 +50,17 @@ def copy_into(src, dst):
 
 
 @reduction
+def copy_max(src, dst):
+    """``dst[:] = src`` (no overlap) fused with :func:`row_max`: one read of ``src``."""
+    m = src[0]
+    for j in range(dst.size):
+        v = src[j]
+        dst[j] = v
+        m = fmaximum(m, v)
+    return m
+
+
+@reduction
 def row_max(row):
     """Largest entry; NaN if the row holds a NaN."""
     m = row[0]
@@ -157,16 +168,21 @@ def row_logsumexp(row):
 
 
 @reduction
-def softmax_row(row):
-    """``row = softmax(row)`` in place."""
-    total = exp_inplace(row, row_max(row))
+def load_row(src, dst, in_place):
+    """Bring a row into ``dst`` (unless it is there already); returns its max."""
+    return row_max(dst) if in_place else copy_max(src, dst)
+
+
+@reduction
+def softmax_row(row, m):
+    """``row = softmax(row)`` in place, given ``m = max(row)``."""
+    total = exp_inplace(row, m)
     scale_inplace(row, row.dtype.type(1.0 / total))
 
 
 @reduction
-def log_softmax_row(row):
-    """``row = log_softmax(row)`` in place."""
-    m = row_max(row)
+def log_softmax_row(row, m):
+    """``row = log_softmax(row)`` in place, given ``m = max(row)``."""
     log_total = row.dtype.type(math.log(row_sum_exp(row, m)))
     log_softmax_inplace(row, m, log_total)
 
@@ -177,9 +193,7 @@ def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_pl
     """``out[i] = softmax(x[i])`` for each row; ``in_place``: ``out`` is ``x``."""
     for i in numba.prange(n_rows):
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        if not in_place:
-            copy_into(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], dst)
-        softmax_row(dst)
+        softmax_row(dst, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], dst, in_place))
 
 
 @parallel
@@ -187,9 +201,7 @@ def log_softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, i
     """``out[i] = log_softmax(x[i])`` for each row; ``in_place``: ``out`` is ``x``."""
     for i in numba.prange(n_rows):
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        if not in_place:
-            copy_into(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], dst)
-        log_softmax_row(dst)
+        log_softmax_row(dst, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], dst, in_place))
 
 
 @parallel
@@ -220,6 +232,169 @@ def log_softmax_backward_rows(g, g_start, g_ld, ls, ls_start, ls_ld, out, out_st
         if not in_place:
             copy_into(g[g_start + i * g_ld : g_start + i * g_ld + n_cols], dst)
         log_softmax_backward_inplace(dst, log_prob, dst.dtype.type(row_sum(dst)))
+
+
+# -------------------------------------------------------- small-class row blocks ----
+# For a few classes per row (C=10), a row is shorter than one unrolled vector step, so
+# per-row loops run in scalar epilogues. Instead a block of whole rows (contiguous,
+# `n_cols` apart) is processed at once: per-row max and sum are short scalar loops, and
+# the exp and the final scaling are single flat vector loops over the block, reading each
+# element's row constant from a `per_element` array filled per row.
+BLOCK_ELEMENTS = 4096
+
+
+@numba.njit(**JIT_OPTIONS)
+def block_rows(n_cols):
+    """Rows per small-class block."""
+    return max(1, BLOCK_ELEMENTS // n_cols)
+
+
+# Per-row reductions of a block run LANES rows side by side (LANES independent
+# dependency chains instead of one per row), then the leftover rows one by one.
+LANES = 8
+
+
+@reduction
+def rows_max(block, n_cols, out):
+    """``out[r] = max(block[r, :])``; NaN is skipped (it poisons its row through exp)."""
+    n_rows = block.size // n_cols
+    acc = np.empty(LANES, block.dtype)
+    full = n_rows - n_rows % LANES
+    for g in range(0, full, LANES):
+        rows = block[g * n_cols : (g + LANES) * n_cols]
+        for lane in range(LANES):
+            acc[lane] = rows[lane * n_cols]
+        for c in range(1, n_cols):
+            for lane in range(LANES):
+                v = rows[lane * n_cols + c]
+                acc[lane] = v if v > acc[lane] else acc[lane]
+        out[g : g + LANES] = acc
+    for r in range(full, n_rows):
+        row = block[r * n_cols : (r + 1) * n_cols]
+        m = row[0]
+        for j in range(row.size):
+            m = row[j] if row[j] > m else m
+        out[r] = m
+
+
+@reduction
+def rows_sum(block, n_cols, out):
+    """``out[r] = Σ block[r, :]`` (accumulated in the block's dtype: few terms)."""
+    n_rows = block.size // n_cols
+    acc = np.empty(LANES, block.dtype)
+    full = n_rows - n_rows % LANES
+    for g in range(0, full, LANES):
+        rows = block[g * n_cols : (g + LANES) * n_cols]
+        acc[:] = 0.0
+        for c in range(n_cols):
+            for lane in range(LANES):
+                acc[lane] += rows[lane * n_cols + c]
+        out[g : g + LANES] = acc
+    for r in range(full, n_rows):
+        row = block[r * n_cols : (r + 1) * n_cols]
+        total = row.dtype.type(0.0)
+        for j in range(row.size):
+            total += row[j]
+        out[r] = total
+
+
+@elementwise
+def spread_rows(values, n_cols, per_element):
+    """``per_element[r, :] = values[r]`` for each row of a flat block."""
+    for r in range(values.size):
+        row = per_element[r * n_cols : (r + 1) * n_cols]
+        v = values[r]
+        for j in range(row.size):
+            row[j] = v
+
+
+@reduction
+def exp_shifted_inplace(values, shift):
+    """``values = exp(values - shift)`` elementwise."""
+    for k in range(values.size):
+        values[k] = exp_diff(values[k], shift[k])
+
+
+@elementwise
+def multiply_elementwise(dst, factor):
+    """``dst *= factor`` elementwise."""
+    for k in range(dst.size):
+        dst[k] = dst[k] * factor[k]
+
+
+@elementwise
+def log_softmax_elementwise(dst, shift, log_total):
+    """``dst = (dst - shift) - log_total`` elementwise."""
+    for k in range(dst.size):
+        dst[k] = (dst[k] - shift[k]) - log_total[k]
+
+
+@numba.njit(**JIT_OPTIONS)
+def block_bounds(b, n_rows, rows_per_block):
+    """Rows ``[lo, hi)`` of small-class block ``b``."""
+    lo = b * rows_per_block
+    return lo, min(lo + rows_per_block, n_rows)
+
+
+@parallel
+def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place):
+    """Softmax of contiguous rows (``ld == n_cols``) with few classes, block by block."""
+    rows_per_block = block_rows(n_cols)
+    for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
+        lo, hi = block_bounds(b, n_rows, rows_per_block)
+        dst = out[out_start + lo * n_cols : out_start + hi * n_cols]
+        if not in_place:
+            copy_into(x[x_start + lo * n_cols : x_start + hi * n_cols], dst)
+        per_row = np.empty(hi - lo, dst.dtype)
+        per_element = np.empty(dst.size, dst.dtype)
+        rows_max(dst, n_cols, per_row)
+        spread_rows(per_row, n_cols, per_element)
+        exp_shifted_inplace(dst, per_element)
+        rows_sum(dst, n_cols, per_row)
+        spread_rows(1.0 / per_row, n_cols, per_element)
+        multiply_elementwise(dst, per_element)
+
+
+@parallel
+def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place):
+    """Log-softmax of contiguous rows (``ld == n_cols``) with few classes, block by block."""
+    rows_per_block = block_rows(n_cols)
+    for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
+        lo, hi = block_bounds(b, n_rows, rows_per_block)
+        dst = out[out_start + lo * n_cols : out_start + hi * n_cols]
+        if not in_place:
+            copy_into(x[x_start + lo * n_cols : x_start + hi * n_cols], dst)
+        per_row = np.empty(hi - lo, dst.dtype)
+        shift = np.empty(dst.size, dst.dtype)
+        scratch = np.empty(dst.size, dst.dtype)
+        rows_max(dst, n_cols, per_row)
+        spread_rows(per_row, n_cols, shift)
+        copy_into(dst, scratch)
+        exp_shifted_inplace(scratch, shift)
+        rows_sum(scratch, n_cols, per_row)
+        spread_rows(np.log(per_row), n_cols, scratch)
+        log_softmax_elementwise(dst, shift, scratch)
+
+
+@parallel
+def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols):
+    """``out[i] = log Σ_j exp(x[i, j])`` for contiguous rows with few classes."""
+    rows_per_block = block_rows(n_cols)
+    for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
+        lo, hi = block_bounds(b, n_rows, rows_per_block)
+        src = x[x_start + lo * n_cols : x_start + hi * n_cols]
+        maxima = np.empty(hi - lo, src.dtype)
+        sums = np.empty(hi - lo, src.dtype)
+        shift = np.empty(src.size, src.dtype)
+        scratch = np.empty(src.size, src.dtype)
+        rows_max(src, n_cols, maxima)
+        spread_rows(maxima, n_cols, shift)
+        copy_into(src, scratch)
+        exp_shifted_inplace(scratch, shift)
+        rows_sum(scratch, n_cols, sums)
+        for r in range(hi - lo):
+            m = maxima[r]
+            out[lo + r] = m if math.isinf(m) else m + math.log(np.float64(sums[r]))  # as logsumexp_from_max
 
 
 # ------------------------------------------------------------- column primitives ----

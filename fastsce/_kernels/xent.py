@@ -27,7 +27,7 @@ import math
 import numba
 import numpy as np
 
-from .softmax import copy_into, exp_inplace, logsumexp_from_max, parallel, reduction, row_max, scale_inplace
+from .softmax import exp_inplace, load_row, logsumexp_from_max, parallel, reduction, row_max, scale_inplace
 from .._config import ELEMENTWISE_FASTMATH, JIT_OPTIONS
 
 CHUNK_ROWS = 256
@@ -107,11 +107,6 @@ def first_argmax(row, m):
     return 0
 
 
-@reduction
-def row_terms(row, want_argmax):
-    """``(max, argmax or -1)`` of a row, before it is overwritten."""
-    m = row_max(row)
-    return m, first_argmax(row, m) if want_argmax else -1
 
 
 @reduction
@@ -173,9 +168,8 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
             x_t = smooth_dot = w_t = 0.0
             if with_grad and valid:
                 row = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                if not in_place:
-                    copy_into(src, row)
-                m, argmax = row_terms(row, row_argmax.size > 0)
+                m = load_row(src, row, in_place)
+                argmax = first_argmax(row, m) if row_argmax.size else -1
                 x_t = np.float64(row[t])
                 smooth_dot = row_dot_weights(row, weight) if smoothing != 0.0 else 0.0
                 total = exp_inplace(row, m)
@@ -189,7 +183,8 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                     scale_inplace(row, dtype(a))
                 row[t] -= dtype(g * keep * w_t)
             else:
-                m, argmax = row_terms(src, row_argmax.size > 0)
+                m = row_max(src)
+                argmax = first_argmax(src, m) if row_argmax.size else -1
                 lse = logsumexp_from_max(src, m) if valid or row_lse.size else 0.0
                 if valid:
                     x_t = np.float64(src[t])
@@ -231,9 +226,8 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
             probs = y[y_start + i * y_ld : y_start + i * y_ld + n_classes]
             if with_grad:
                 row = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                if not in_place:
-                    copy_into(src, row)
-                m, argmax = row_terms(row, row_argmax.size > 0)
+                m = load_row(src, row, in_place)
+                argmax = first_argmax(row, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(row, probs, weight, keep, spread)
                 total = exp_inplace(row, m)
                 lse = lse_from_total(m, total)
@@ -241,7 +235,8 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 a = (g * v_total + _grad_rows_at(grad_rows, i) * z_grad_scale * 2.0 * z_loss * lse) / total
                 soft_grad_inplace(row, dtype(a), probs, weight, dtype(g), dtype(keep), dtype(spread))
             else:
-                m, argmax = row_terms(src, row_argmax.size > 0)
+                m = row_max(src)
+                argmax = first_argmax(src, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(src, probs, weight, keep, spread)
                 lse = logsumexp_from_max(src, m)
             loss = v_total * lse - vx_total

@@ -1,0 +1,285 @@
+"""``python -m fastsce bench``: fastsce against the memory limit and its peers, in one run.
+
+Every case is timed side by side in one process: ``np.copyto`` of the same array (the
+floor for a kernel that reads the logits once and writes one array), the NumPy
+reference, and torch/JAX on the CPU when they are importable. Times are the minimum of
+several repetitions; ratios are what the targets are stated in, because absolute times
+on a shared machine drift.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+import fastsce
+
+# (rows, classes) of the performance issue; the quick default is a subset.
+FULL_SHAPES = [(1_048_576, 10), (262_144, 128), (65_536, 1_000), (8_192, 32_000), (512, 262_144), (32, 2_097_152)]
+QUICK_SHAPES = [(1_048_576, 10), (65_536, 1_000), (8_192, 32_000)]
+OPS = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_with_grad"]
+# Ops that read the logits and write an array of their size (floor: copy), else read only.
+WRITES = {"softmax", "log_softmax", "cross_entropy_with_grad"}
+
+
+@dataclass
+class Case:
+    op: str
+    rows: int
+    classes: int
+    dtype: str
+    axis: int = -1
+
+    @property
+    def label(self) -> str:
+        shape = (self.classes, self.rows) if self.axis == 0 else (self.rows, self.classes)
+        return f"{self.op} {shape} {self.dtype}" + (" axis=0" if self.axis == 0 else "")
+
+
+@dataclass
+class Result:
+    case: Case
+    fastsce_s: float
+    copy_s: float
+    numpy_s: float | None = None
+    peers_s: dict[str, float] = field(default_factory=dict)
+    targets: dict[str, bool] = field(default_factory=dict)
+
+    @property
+    def bytes_moved(self) -> int:
+        size = self.case.rows * self.case.classes * np.dtype(self.case.dtype).itemsize
+        return 2 * size if self.case.op in WRITES else size
+
+
+def best_time(fn: Callable[[], Any], repeats: int) -> float:
+    """Minimum wall time of ``repeats`` calls after one warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+# ------------------------------------------------------------------- references ----
+def numpy_reference(op: str, x: np.ndarray, target: np.ndarray, axis: int) -> Callable[[], Any]:
+    """The plain NumPy computation a user would otherwise write."""
+
+    def softmax():
+        e = np.exp(x - x.max(axis=axis, keepdims=True))
+        return e / e.sum(axis=axis, keepdims=True)
+
+    def log_softmax():
+        shifted = x - x.max(axis=axis, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+    def logsumexp():
+        m = x.max(axis=axis, keepdims=True)
+        return (m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+    rows = np.arange(target.size)
+
+    def cross_entropy():
+        return float(np.mean(logsumexp() - x[rows, target]))
+
+    def cross_entropy_with_grad():
+        p = softmax()
+        loss = float(np.mean(-np.log(p[rows, target])))
+        p[rows, target] -= 1.0
+        p /= target.size
+        return loss, p
+
+    return locals()[op]
+
+
+def torch_reference(op: str, x: np.ndarray, target: np.ndarray, axis: int) -> Callable[[], Any] | None:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    xt = torch.from_numpy(x)
+    tt = torch.from_numpy(target)
+    if op == "cross_entropy_with_grad":
+        def run():
+            leaf = xt.detach().requires_grad_(True)
+            loss = F.cross_entropy(leaf, tt)
+            loss.backward()
+            return leaf.grad
+        return run
+    functions = {
+        "softmax": lambda: torch.softmax(xt, axis),
+        "log_softmax": lambda: torch.log_softmax(xt, axis),
+        "logsumexp": lambda: torch.logsumexp(xt, axis),
+        "cross_entropy": lambda: F.cross_entropy(xt, tt),
+    }
+    fn = functions[op]
+
+    def run():
+        with torch.no_grad():
+            return fn()
+
+    return run
+
+
+def jax_reference(op: str, x: np.ndarray, target: np.ndarray, axis: int) -> Callable[[], Any] | None:
+    try:
+        import jax
+        import jax.numpy as jnp
+    except ImportError:
+        return None
+    xj = jax.device_put(x)
+    tj = jax.device_put(target)
+
+    def ce(logits, t):
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        return jnp.mean(lse - jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0])
+
+    functions = {
+        "softmax": jax.jit(lambda a: jax.nn.softmax(a, axis=axis)),
+        "log_softmax": jax.jit(lambda a: jax.nn.log_softmax(a, axis=axis)),
+        "logsumexp": jax.jit(lambda a: jax.nn.logsumexp(a, axis=axis)),
+        "cross_entropy": jax.jit(lambda a: ce(a, tj)),
+        "cross_entropy_with_grad": jax.jit(jax.value_and_grad(lambda a: ce(a, tj))),
+    }
+    fn = functions[op]
+    return lambda: jax.block_until_ready(fn(xj))
+
+
+def fastsce_call(op: str, x: np.ndarray, target: np.ndarray, axis: int, out: np.ndarray) -> Callable[[], Any]:
+    """fastsce writing into a preallocated ``out`` (a fresh output would add page faults)."""
+    calls = {
+        "softmax": lambda: fastsce.softmax(x, axis, out=out),
+        "log_softmax": lambda: fastsce.log_softmax(x, axis, out=out),
+        "logsumexp": lambda: fastsce.logsumexp(x, axis),
+        "cross_entropy": lambda: fastsce.cross_entropy(x, target),
+        "cross_entropy_with_grad": lambda: fastsce.cross_entropy_with_grad(x, target, out=out),
+    }
+    return calls[op]
+
+
+# ---------------------------------------------------------------------- driver ----
+def make_data(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    shape = (case.classes, case.rows) if case.axis == 0 else (case.rows, case.classes)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(case.dtype, copy=False)
+    target = rng.integers(0, case.classes, case.rows)
+    return x, target
+
+
+def copy_limit(case: Case) -> float:
+    """Allowed ratio to ``np.copyto`` (design.md §5 / the performance issue)."""
+    if case.op not in WRITES:
+        return 1.0
+    return 2.5 if case.classes < 128 else 1.5
+
+
+def run_case(case: Case, repeats: int, peers: bool) -> Result:
+    x, target = make_data(case)
+    out = np.empty_like(x)
+    copy_s = best_time(lambda: np.copyto(out, x), repeats)
+    fastsce_s = best_time(fastsce_call(case.op, x, target, case.axis, out), repeats)
+    result = Result(case, fastsce_s, copy_s)
+    result.targets["copy"] = fastsce_s <= copy_limit(case) * copy_s
+    if peers:
+        result.numpy_s = best_time(numpy_reference(case.op, x, target, case.axis), max(2, repeats // 2))
+        result.targets["numpy x5"] = result.numpy_s >= 5 * fastsce_s
+        for name, factory in (("torch", torch_reference), ("jax", jax_reference)):
+            if case.axis == 0 and case.op.startswith("cross"):
+                continue
+            fn = factory(case.op, x, target, case.axis)
+            if fn is not None:
+                result.peers_s[name] = best_time(fn, repeats)
+                result.targets[name] = result.peers_s[name] > fastsce_s
+    return result
+
+
+def format_row(r: Result) -> str:
+    gbs = r.bytes_moved / r.fastsce_s / 1e9
+    cells = [f"{r.case.label:<48}", f"{r.fastsce_s * 1e3:9.2f}", f"{gbs:7.1f}", f"{r.fastsce_s / r.copy_s:6.2f}"]
+    cells.append(f"{r.numpy_s / r.fastsce_s:7.1f}" if r.numpy_s else f"{'-':>7}")
+    for peer in ("torch", "jax"):
+        cells.append(f"{r.peers_s[peer] / r.fastsce_s:6.2f}" if peer in r.peers_s else f"{'-':>6}")
+    missed = [k for k, ok in r.targets.items() if not ok]
+    cells.append("ok" if not missed else "MISSED " + ",".join(missed))
+    return " ".join(cells)
+
+
+HEADER = (f"{'case':<48} {'ms':>9} {'GB/s':>7} {'xcopy':>6} {'xnumpy':>7} {'xtorch':>6} {'xjax':>6} targets\n"
+          "  ms: fastsce (min of repeats, out= preallocated); xcopy: fastsce time / np.copyto time "
+          "(<= 1.5, 2.5 for C < 128, 1.0 for read-only ops); xnumpy/xtorch/xjax: their time / fastsce time")
+
+
+def cases_for(shapes, ops, dtypes, full) -> list[Case]:
+    cases = [Case(op, rows, classes, dtype) for dtype in dtypes for rows, classes in shapes for op in ops]
+    if full:
+        cases += [Case(op, 65_536, 1_000, "float64") for op in ops if "float64" not in dtypes]
+        cases += [Case(op, 65_536, 1_000, "float32", axis=0) for op in ops if not op.startswith("cross")]
+    return cases
+
+
+def main(argv: list[str]) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fastsce bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="every shape of the performance targets")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
+    parser.add_argument("--dtype", default="float32", help="float32, float64 or both comma-separated")
+    parser.add_argument("--threads", type=int, default=None, help="threads for fastsce and torch")
+    parser.add_argument("--repeats", type=int, default=None, help="repetitions per timing (min is kept)")
+    parser.add_argument("--no-peers", action="store_true", help="skip NumPy/torch/JAX references")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        parser.error(f"unknown ops: {', '.join(sorted(unknown))}")
+    dtypes = [d for d in args.dtype.split(",") if d]
+    if set(dtypes) - {"float32", "float64"}:
+        parser.error("--dtype takes float32 and/or float64")
+    if args.threads is not None:
+        fastsce.set_num_threads(args.threads)
+        try:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        except ImportError:
+            pass
+    repeats = args.repeats or (7 if args.full else 5)
+    cases = cases_for(FULL_SHAPES if args.full else QUICK_SHAPES, ops, dtypes, args.full)
+    print(f"fastsce {fastsce.__version__}, {fastsce.get_num_threads()} threads, {len(cases)} cases", flush=True)
+    print(HEADER, flush=True)
+    results = []
+    for n, case in enumerate(cases, 1):
+        print(f"[{n}/{len(cases)}] {case.label} ...", end="\r", file=sys.stderr, flush=True)
+        results.append(run_case(case, repeats, not args.no_peers))
+        print(format_row(results[-1]), flush=True)
+    results += axis0_checks(results)
+    missed = [f"{r.case.label}: {k}" for r in results for k, ok in r.targets.items() if not ok]
+    total = sum(len(r.targets) for r in results)
+    print(f"targets met: {total - len(missed)}/{total}" + ("" if not missed else "; missed: " + "; ".join(missed)))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([{**asdict(r), "label": r.case.label} for r in results], f, indent=1)
+    return 0
+
+
+def axis0_checks(results: list[Result]) -> list[Result]:
+    """axis=0 of (C, N) must run within 1.5x of axis=-1 of (N, C) (same data size)."""
+    by_label = {(r.case.op, r.case.rows, r.case.classes, r.case.dtype, r.case.axis): r for r in results}
+    checks = []
+    for (op, rows, classes, dtype, axis), r in by_label.items():
+        twin = by_label.get((op, rows, classes, dtype, -1))
+        if axis == 0 and twin is not None:
+            check = Result(Case(op + " axis0/axis-1", rows, classes, dtype, 0), r.fastsce_s, twin.fastsce_s)
+            check.targets["axis0 <= 1.5 x axis-1"] = r.fastsce_s <= 1.5 * twin.fastsce_s
+            print(f"{check.case.label:<48} axis=0 {r.fastsce_s * 1e3:.2f} ms vs axis=-1 {twin.fastsce_s * 1e3:.2f} ms")
+            checks.append(check)
+    return checks
