@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import sys
+import threading
 from collections.abc import Iterator
 
 # Reassociation (vector reductions), FMA contraction, reciprocal and signed-zero
@@ -18,10 +21,41 @@ ELEMENTWISE_FASTMATH = {"contract", "nsz"}
 # (Python's would insert a ZeroDivisionError branch into every division).
 JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
+# Rows per chunk of the cross-entropy's loss sums: fixed, so that the order of the
+# float64 additions (and so "mean"/"sum" to the last bit) does not depend on threads.
+CHUNK_ROWS = 256
+
 __all__ = ["ELEMENTWISE_FASTMATH", "FASTMATH", "JIT_OPTIONS", "get_num_threads", "set_num_threads", "threads"]
 
 
+_tbb_preload_done = False
+
+
+def _preload_tbb() -> None:
+    """Make the ``tbb`` wheel's library findable before Numba picks a threading layer.
+
+    The wheel installs ``libtbb.so.12`` into ``<prefix>/lib``, which the loader does not
+    search inside a virtualenv; Numba's TBB backend then fails to load and Numba falls
+    back to OpenMP. Loading it by path first (RTLD_GLOBAL) satisfies the dependency.
+    """
+    global _tbb_preload_done
+    if _tbb_preload_done:
+        return
+    _tbb_preload_done = True
+    names = {"linux": ["libtbb.so.12"], "darwin": ["libtbb.12.dylib"]}.get(sys.platform, [])
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for name in names:
+            path = os.path.join(prefix, "lib", name)
+            if os.path.exists(path):
+                try:
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                    return
+                except OSError:
+                    continue
+
+
 def _numba():
+    _preload_tbb()
     import numba
 
     return numba
@@ -77,10 +111,50 @@ def cache_dir() -> str:
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "__pycache__")
 
 
+# ------------------------------------------------------------ threading safety ----
+# Numba picks the first layer that loads from tbb, omp, workqueue (or the one named by
+# NUMBA_THREADING_LAYER). fastsce makes each safe for what training jobs do:
+# * tbb: safe for concurrent calls and for fork; nothing to do.
+# * omp (GNU OpenMP): a child forked after OpenMP threads started hangs or aborts in its
+#   first parallel region, so such a child runs serial builds of the kernels.
+# * workqueue: aborts when two Python threads launch kernels at once, so calls are
+#   serialized by a lock.
+_forked_after_openmp = False
+_workqueue_lock = threading.Lock()
+
+
 def threading_layer() -> str:
-    """The Numba threading layer in use ("not started" before the first parallel call)."""
+    """The Numba threading layer in use, starting Numba's threads if needed."""
     numba = _numba()
+    numba.get_num_threads()  # launches the threading layer
+    return str(numba.threading_layer())
+
+
+def _started_layer() -> str | None:
+    """The threading layer if Numba's threads have started, else None (no side effects)."""
+    if "numba" not in sys.modules:
+        return None
     try:
-        return str(numba.threading_layer())
+        return str(sys.modules["numba"].threading_layer())
     except ValueError:
-        return "not started"
+        return None
+
+
+def _after_fork_in_child() -> None:
+    global _forked_after_openmp
+    if _started_layer() == "omp":
+        _forked_after_openmp = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def serial_only() -> bool:
+    """True in a process forked after GNU OpenMP started: parallel kernels would hang."""
+    return _forked_after_openmp
+
+
+def kernel_lock() -> contextlib.AbstractContextManager:
+    """A lock around kernel launches where the layer needs one (workqueue), else a no-op."""
+    return _workqueue_lock if threading_layer() == "workqueue" else contextlib.nullcontext()

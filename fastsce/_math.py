@@ -154,6 +154,54 @@ def fmaximum(typingctx, a, b):
     return a(a, b), codegen
 
 
+if numba.config.DISABLE_JIT:
+    # NUMBA_DISABLE_JIT=1 runs every kernel as plain Python (for coverage and
+    # debugging); these NumPy versions stand in for the LLVM intrinsics above.
+    _INT_OF = {np.float32: np.int32, np.float64: np.int64}
+    _BITS = {np.float32: (127, 23, 0x4B400000, 64), np.float64: (1023, 52, 0x4338000000000000, 512)}
+
+    def _float_of(value):
+        return np.float32 if isinstance(value, np.float32) else np.float64
+
+    def _pow2(float_type, n):
+        bias, mantissa_bits, _, _ = _BITS[float_type]
+        return np.array((int(n) + bias) << mantissa_bits, _INT_OF[float_type]).view(float_type)[()]
+
+    def float32_to_bits(value):  # noqa: F811
+        return np.array(value, np.float32).view(np.int32)[()]
+
+    def bits_to_float32(bits):  # noqa: F811
+        return np.array(bits, np.int32).view(np.float32)[()]
+
+    def float64_to_bits(value):  # noqa: F811
+        return np.array(value, np.float64).view(np.int64)[()]
+
+    def bits_to_float64(bits):  # noqa: F811
+        return np.array(bits, np.int64).view(np.float64)[()]
+
+    def rounded_int_from_shifted(shifted):  # noqa: F811
+        float_type = _float_of(shifted)
+        bits = int(np.array(shifted, float_type).view(_INT_OF[float_type])[()])
+        return bits - _BITS[float_type][2]
+
+    def mul_pow2(value, k):  # noqa: F811
+        float_type = _float_of(value)
+        if not math.isfinite(value):
+            return value
+        half = int(k) >> 1
+        return float_type(float_type(value * _pow2(float_type, half)) * _pow2(float_type, int(k) - half))
+
+    def mul_pow2_nonpositive(value, k):  # noqa: F811
+        float_type = _float_of(value)
+        if not math.isfinite(value):
+            return value
+        bias = _BITS[float_type][3]
+        return float_type(float_type(value * _pow2(float_type, int(k) + bias)) * float_type(2.0**-bias))
+
+    def fmaximum(a, b):  # noqa: F811
+        return np.maximum(a, b)
+
+
 # float32 constants. Clamping keeps k within [-150, 128], where both halves of 2^k
 # are normal numbers; the clamped x still gives exactly 0 or inf.
 _F32_HI = np.float32(89.0)

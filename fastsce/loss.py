@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
+from ._config import CHUNK_ROWS
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
 from ._validation import as_float_array, check_out, normalize_axis, readonly_view
 
@@ -18,10 +19,15 @@ __all__ = ["cross_entropy", "cross_entropy_with_grad", "nll_loss"]
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def _kernels():
-    from ._kernels import xent  # numba is imported on first use only
+def _launch(name: str, *args: Any) -> Any:
+    """Run kernel ``name`` of the cross-entropy family (numba is imported on first use)."""
+    from ._kernels import launch, xent
 
-    return xent
+    return launch(getattr(xent, name), *args)
+
+
+def _chunk_count(n_rows: int) -> int:
+    return -(-n_rows // CHUNK_ROWS)
 
 
 # ------------------------------------------------------------------ validation ----
@@ -66,10 +72,10 @@ def _class_indices(target: np.ndarray, n_classes: int, ignore_index: int, weight
     if target.dtype.kind == "u" and target.size and target.max() > np.iinfo(np.int64).max:
         bad = int(np.argmax(target.reshape(-1) > np.iinfo(np.int64).max))
     else:
-        n_chunks = _kernels().chunk_count(flat.size)
+        n_chunks = _chunk_count(flat.size)
         chunk_weight = np.empty(n_chunks, np.float64)
         chunk_valid = np.empty(n_chunks, np.int64)
-        bad = _kernels().check_targets(flat, n_classes, ignore_index, weight, chunk_weight, chunk_valid)
+        bad = _launch("check_targets", flat, n_classes, ignore_index, weight, chunk_weight, chunk_valid)
         if bad < 0:
             return _Targets(flat, float(np.sum(chunk_weight)), int(np.sum(chunk_valid)))
     where = np.unravel_index(bad, target.shape)
@@ -193,7 +199,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     row_loss = np.empty(n_rows if reduction == "none" else 0, np.float64)
     row_lse = np.empty(n_rows if return_lse else 0, np.float64)
     row_argmax = np.empty(n_rows if return_argmax else 0, np.int64)
-    n_chunks = _kernels().chunk_count(n_rows) if n_rows else 0
+    n_chunks = _chunk_count(n_rows) if n_rows else 0
     chunk_loss = np.zeros(n_chunks, np.float64)
     chunk_z = np.zeros(n_chunks, np.float64)
     if plan is not None:
@@ -211,13 +217,13 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             grad_factors if with_grad else np.ones(1))
         if soft:
             y_op = plan.operands[1]
-            _kernels().soft_xent_rows(*common, y_op.buffer, y_op.start, y_op.outer_stride, n_rows, n_classes,
+            _launch("soft_xent_rows", *common, y_op.buffer, y_op.start, y_op.outer_stride, n_rows, n_classes,
                                       in_place, with_grad, weights, float(label_smoothing), float(z_loss),
                                       grad_scale, z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse,
                                       row_argmax)
         else:
             target_rows = _in_plan_order(targets.flat.reshape(loss_shape), plan, work_axis)
-            _kernels().hard_xent_rows(*common, n_rows, n_classes, in_place, with_grad, target_rows, ignore_index,
+            _launch("hard_xent_rows", *common, n_rows, n_classes, in_place, with_grad, target_rows, ignore_index,
                                       weights, weight_sum, float(label_smoothing), float(z_loss), grad_scale,
                                       z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse, row_argmax)
     elif with_grad and grad_target.size:

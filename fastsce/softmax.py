@@ -29,10 +29,11 @@ JACOBIAN_MAX_CLASSES = 4096
 JACOBIAN_MAX_ELEMENTS = 2**27
 
 
-def _kernels():
-    from ._kernels import softmax as kernels  # numba is imported on first use only
+def _launch(name: str, *args: Any) -> None:
+    """Run kernel ``name`` of the softmax family (numba is imported on first use only)."""
+    from ._kernels import launch, softmax
 
-    return kernels
+    launch(getattr(softmax, name), *args)
 
 
 def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
@@ -101,11 +102,11 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
         plan = require_plan([readonly_view(x) for x in inputs] + [target], axis)
     if _is_small_class_rows(plan) and name in ("softmax", "log_softmax"):
         (source, destination) = plan.operands
-        getattr(_kernels(), f"{name}_row_blocks")(source.buffer, source.start, destination.buffer, destination.start,
+        _launch(f"{name}_row_blocks", source.buffer, source.start, destination.buffer, destination.start,
                                                  plan.n_outer, plan.n_classes, in_place)
     else:
         suffix = "rows" if plan.is_rows else "columns"
-        getattr(_kernels(), f"{name}_{suffix}")(*_kernel_args(plan), in_place)
+        _launch(f"{name}_{suffix}", *_kernel_args(plan), in_place)
     if not np.may_share_memory(target, result):
         np.copyto(result, np.flip(target, axis) if flipped else target)
     return result
@@ -211,12 +212,12 @@ def logsumexp(
         flat = np.empty(plan.n_outer * plan.n_inner, x.dtype)
         (source,) = plan.operands
         if _is_small_class_rows(plan):
-            _kernels().logsumexp_row_blocks(source.buffer, source.start, flat, plan.n_outer, plan.n_classes)
+            _launch("logsumexp_row_blocks", source.buffer, source.start, flat, plan.n_outer, plan.n_classes)
         elif plan.is_rows:
-            _kernels().logsumexp_rows(source.buffer, source.start, source.outer_stride, flat,
+            _launch("logsumexp_rows", source.buffer, source.start, source.outer_stride, flat,
                                       plan.n_outer, plan.n_classes)
         else:
-            _kernels().logsumexp_columns(source.buffer, source.start, source.outer_stride, source.class_stride,
+            _launch("logsumexp_columns", source.buffer, source.start, source.outer_stride, source.class_stride,
                                          flat, plan.n_outer, plan.n_classes, plan.n_inner,
                                          _column_block(plan, x.itemsize))
         reduced = plan.reduced_to_original(flat, x.shape)

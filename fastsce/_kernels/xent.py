@@ -28,9 +28,8 @@ import numba
 import numpy as np
 
 from .softmax import exp_inplace, load_row, logsumexp_from_max, parallel, reduction, row_max, scale_inplace
-from .._config import ELEMENTWISE_FASTMATH, JIT_OPTIONS
+from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS
 
-CHUNK_ROWS = 256
 elementwise = numba.njit(fastmath=ELEMENTWISE_FASTMATH, **JIT_OPTIONS)
 
 
