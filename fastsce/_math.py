@@ -22,13 +22,19 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic, overload
 
-from ._config import JIT_OPTIONS
+from ._config import BFLOAT16, FLOAT16, JIT_OPTIONS  # noqa: F401  (re-exported)
 
 # Only `contract` (FMA): `reassoc` could fold the round-to-integer trick away.
 _EXP_FLAGS = {"contract"}
 
 __all__ = [
+    "BFLOAT16",
+    "FLOAT16",
+    "bfloat16_bits_to_float32",
     "bits_to_float32",
+    "float16_bits_to_float32",
+    "float32_to_bfloat16_bits",
+    "float32_to_float16_bits",
     "exp",
     "exp_diff",
     "exp_diff32",
@@ -154,6 +160,68 @@ def fmaximum(typingctx, a, b):
     return a(a, b), codegen
 
 
+# ------------------------------------------------------------- 16-bit formats ----
+# float16 and bfloat16 arrays reach kernels as uint16 bit patterns (Numba has no 16-bit
+# float arithmetic); these convert to float32 and back with round-to-nearest-even.
+
+
+@intrinsic
+def float16_bits_to_float32(typingctx, bits):
+    """float16 bits → float32, exact (F16C ``vcvtph2ps`` where available)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.bitcast(args[0], ir.HalfType())
+        return builder.fpext(half, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def float32_to_float16_bits(typingctx, value):
+    """float32 → float16 bits, rounded to nearest even; overflow → inf, NaN stays NaN."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        half = builder.fptrunc(args[0], ir.HalfType())
+        return builder.bitcast(half, ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
+@intrinsic
+def bfloat16_bits_to_float32(typingctx, bits):
+    """bfloat16 bits → float32, exact (the upper half of a float32)."""
+    if bits != types.uint16:
+        return None
+
+    def codegen(context, builder, signature, args):
+        wide = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.IntType(32)(16))
+        return builder.bitcast(wide, ir.FloatType())
+
+    return types.float32(types.uint16), codegen
+
+
+@intrinsic
+def float32_to_bfloat16_bits(typingctx, value):
+    """float32 → bfloat16 bits, rounded to nearest even; NaN stays a (quiet) NaN."""
+    if value != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        bits = builder.bitcast(args[0], i32)
+        lsb = builder.and_(builder.lshr(bits, i32(16)), i32(1))
+        rounded = builder.lshr(builder.add(builder.add(bits, i32(0x7FFF)), lsb), i32(16))
+        quiet_nan = builder.or_(builder.lshr(bits, i32(16)), i32(0x40))
+        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
+        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+
+    return types.uint16(types.float32), codegen
+
+
 if numba.config.DISABLE_JIT:
     # NUMBA_DISABLE_JIT=1 runs every kernel as plain Python (for coverage and
     # debugging); these NumPy versions stand in for the LLVM intrinsics above.
@@ -200,6 +268,21 @@ if numba.config.DISABLE_JIT:
 
     def fmaximum(a, b):  # noqa: F811
         return np.maximum(a, b)
+
+    def float16_bits_to_float32(bits):  # noqa: F811
+        return np.float32(np.array(bits, np.uint16).view(np.float16)[()])
+
+    def float32_to_float16_bits(value):  # noqa: F811
+        return np.array(np.float32(value).astype(np.float16)).view(np.uint16)[()]
+
+    def bfloat16_bits_to_float32(bits):  # noqa: F811
+        return np.array(int(bits) << 16, np.uint32).view(np.float32)[()]
+
+    def float32_to_bfloat16_bits(value):  # noqa: F811
+        bits = int(np.array(value, np.float32).view(np.uint32)[()])
+        if math.isnan(value):
+            return np.uint16((bits >> 16) | 0x40)
+        return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
 
 
 # float32 constants. Clamping keeps k within [-150, 128], where both halves of 2^k

@@ -117,10 +117,11 @@ def _empty(ndim: int, dtype: Any) -> np.ndarray:
 # ------------------------------------------------------------ phase 1: parts ----
 def _chunk_lse(block: np.ndarray) -> np.ndarray:
     """Per-row logsumexp of one class chunk, in float64: the chunk's online-softmax pair
-    (m, Σ) written as m + log Σ. float32 chunks are upcast so the pair keeps every bit."""
+    (m, Σ) written as m + log Σ. Give float32 chunks upcast, so that the pair keeps every
+    bit (phase 2 rescales by ``e^(lse_chunk − lse)``, where float32 would lose digits)."""
     if block.shape[-1] == 0:
         return np.full(block.shape[:-1], -np.inf)
-    return np.asarray(_np_logsumexp(block.astype(np.float64, copy=False), axis=-1), dtype=_F64)
+    return np.asarray(_np_logsumexp(block, axis=-1), dtype=_F64)
 
 
 def _merge_parts(parts: np.ndarray, axis: Any, keepdims: bool) -> np.ndarray:
@@ -143,7 +144,7 @@ def _merge(parts: da.Array) -> da.Array:
 
 
 def _chunk_lse_part(block: np.ndarray) -> np.ndarray:
-    return _chunk_lse(block)[..., None, None]
+    return _chunk_lse(block.astype(np.float64, copy=False))[..., None, None]
 
 
 def _lse_parts(x: da.Array) -> da.Array:
@@ -387,7 +388,7 @@ def _rows_path(p: _Problem, grad_output: Any, with_grad: bool):
     results = da.blockwise(
         _rows_block, lead + "z", x, lead + "z", p.target, t_index, g, g_index, denominators, "q", *_row_starts(x),
         options=p.options, reduction=p.reduction, z_loss=p.z_loss, with_grad=with_grad,
-        concatenate=True, meta=_empty(x.ndim, x.dtype), dtype=x.dtype,
+        align_arrays=False, concatenate=True, meta=_empty(x.ndim, x.dtype), dtype=x.dtype,
     )
     adjust = None if p.reduction == "none" else {c: 1 for c in lead}
     loss_dtype = x.dtype if p.reduction == "none" else _F64
@@ -414,8 +415,8 @@ def _xent_part(block, target, *, weight, ignore_index, label_smoothing, soft, n_
     start, stop = block_info[0]["array-location"][-1]
     w = np.ones(stop - start) if weight is None else weight[start:stop]
     out = np.zeros(block.shape[:-1] + (1, 3))
-    out[..., 0, 0] = _chunk_lse(block)
     x64 = block.astype(np.float64, copy=False)
+    out[..., 0, 0] = _chunk_lse(x64)
     if soft:
         smoothed = (1.0 - label_smoothing) * target.astype(np.float64) + label_smoothing / n_classes
         smoothed *= w

@@ -12,7 +12,16 @@ from numpy.typing import ArrayLike
 
 from ._config import CHUNK_ROWS
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
-from ._validation import as_float_array, check_out, normalize_axis, readonly_view
+from ._validation import (
+    as_float_array,
+    check_out,
+    compute_dtype,
+    is_16bit,
+    kernel_view,
+    normalize_axis,
+    readonly_view,
+    result_dtype,
+)
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "nll_loss"]
 
@@ -45,7 +54,7 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float, ignore
 
 
 def _class_weights(weight: ArrayLike | None, n_classes: int, dtype: np.dtype) -> tuple[np.ndarray, float]:
-    """Weights as a contiguous array of the logits' dtype, and their float64 sum."""
+    """Weights as a contiguous array of the compute dtype, and their float64 sum."""
     if weight is None:
         return np.ones(n_classes, dtype), float(n_classes)
     w = np.asarray(weight)
@@ -96,7 +105,7 @@ def _split_target(logits: np.ndarray, target: ArrayLike, axis: int) -> tuple[np.
                 f"(logits {logits.shape} without axis {axis}), got {target.shape}"
             )
         return target, False
-    if target.dtype.kind == "f":
+    if target.dtype.kind == "f" or is_16bit(target.dtype):
         if target.shape != logits.shape:
             hint = " (class indices must have an integer dtype)" if target.shape == index_shape else ""
             raise ValueError(
@@ -148,8 +157,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     if inplace:
         if out is not None:
             raise ValueError("pass either out= or inplace=True, not both")
-        if not isinstance(logits, np.ndarray) or logits.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError("inplace=True needs logits as a float32 or float64 numpy.ndarray")
+        if not isinstance(logits, np.ndarray) or result_dtype(logits.dtype, "logits") != logits.dtype:
+            raise TypeError("inplace=True needs logits as a float numpy.ndarray (float16/32/64 or bfloat16)")
         if not logits.flags.writeable:
             raise ValueError("inplace=True needs writeable logits; these are read-only")
     logits = as_float_array(logits, "logits")
@@ -159,7 +168,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     n_classes = logits.shape[axis]
     target, soft = _split_target(logits, target, axis)
     loss_shape = target.shape[:axis] + target.shape[axis + 1 :] if soft else target.shape
-    weights, weight_sum = _class_weights(weight, n_classes, logits.dtype)
+    weights, weight_sum = _class_weights(weight, n_classes, compute_dtype(logits.dtype))
     if with_grad:
         grad_factors = _grad_factors(grad_output, reduction, loss_shape)
         if out is not None:
@@ -170,8 +179,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
 
     targets = None if soft else _class_indices(target, n_classes, ignore_index, weights)
     n_rows = math.prod(loss_shape)
-    if soft:
-        probs = np.asarray(target, dtype=logits.dtype)
+    if soft:  # read as given if it matches the logits, else in the compute dtype
+        probs = target if target.dtype == logits.dtype else target.astype(compute_dtype(logits.dtype))
         ce_count, z_count = float(n_rows), float(n_rows)
     else:
         ce_count, z_count = targets.weight_total, float(targets.n_valid)
@@ -184,17 +193,20 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     # Rows in memory order; otherwise work on C-ordered copies with the classes last.
     work_axis, work_logits, work_grad = axis, logits, grad_target
     work_probs = probs if soft else None
-    operands = [readonly_view(logits)] + ([readonly_view(probs)] if soft else []) + ([grad_target] if with_grad else [])
-    plan = _rows_plan(operands, axis) if n_rows and n_classes else None
+    half_format = kernel_view(logits)[1]
+
+    def kernel_operands() -> list[np.ndarray]:
+        arrays = [work_logits] + ([work_probs] if soft else [])
+        return [readonly_view(kernel_view(a)[0]) for a in arrays] + ([kernel_view(work_grad)[0]] if with_grad else [])
+
+    plan = _rows_plan(kernel_operands(), axis) if n_rows and n_classes else None
     copied = plan is None and n_rows > 0 and n_classes > 0
     if copied:
         work_axis = logits.ndim - 1
         work_logits = aligned_copy(np.moveaxis(logits, axis, -1))
         work_probs = aligned_copy(np.moveaxis(probs, axis, -1)) if soft else None
         work_grad = np.empty_like(work_logits) if with_grad else None
-        operands = [readonly_view(work_logits)] + ([readonly_view(work_probs)] if soft else []) + (
-            [work_grad] if with_grad else [])
-        plan = require_plan(operands, work_axis)
+        plan = require_plan(kernel_operands(), work_axis)
 
     row_loss = np.empty(n_rows if reduction == "none" else 0, np.float64)
     row_lse = np.empty(n_rows if return_lse else 0, np.float64)
@@ -208,7 +220,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             g_op = plan.operands[-1]
             grad_args = (g_op.buffer, g_op.start, g_op.outer_stride)
         else:  # a writeable placeholder keeps one compiled signature per dtype
-            grad_args = (np.empty(0, work_logits.dtype), 0, 0)
+            grad_args = (np.empty(0, kernel_view(work_logits)[0].dtype), 0, 0)
         common = (x_op.buffer, x_op.start, x_op.outer_stride, *grad_args)
         in_place = with_grad and _same_start(work_grad, work_logits)
         grad_scale = 1.0 / ce_count if reduction == "mean" and ce_count else (math.inf if reduction == "mean" else 1.0)
@@ -220,12 +232,13 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
             _launch("soft_xent_rows", *common, y_op.buffer, y_op.start, y_op.outer_stride, n_rows, n_classes,
                                       in_place, with_grad, weights, float(label_smoothing), float(z_loss),
                                       grad_scale, z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse,
-                                      row_argmax)
+                                      row_argmax, half_format)
         else:
             target_rows = _in_plan_order(targets.flat.reshape(loss_shape), plan, work_axis)
             _launch("hard_xent_rows", *common, n_rows, n_classes, in_place, with_grad, target_rows, ignore_index,
                                       weights, weight_sum, float(label_smoothing), float(z_loss), grad_scale,
-                                      z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse, row_argmax)
+                                      z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse, row_argmax,
+                                      half_format)
     elif with_grad and grad_target.size:
         grad_target.fill(0.0)  # no classes or no rows: nothing to differentiate
 

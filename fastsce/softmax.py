@@ -7,9 +7,19 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
-from ._config import get_num_threads
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
-from ._validation import as_float_array, check_out, normalize_axis, readonly_view, result_dtype
+from ._config import NOT_16BIT, get_num_threads
+from ._validation import (
+    as_float_array,
+    check_out,
+    compute_dtype,
+    float_dtype,
+    is_16bit,
+    kernel_view,
+    normalize_axis,
+    readonly_view,
+    result_dtype,
+)
 
 __all__ = [
     "log_softmax",
@@ -79,37 +89,61 @@ def _class_flipped(arrays: list[np.ndarray], axis: int) -> tuple[list[np.ndarray
     return [np.flip(a, axis) for a in arrays], True
 
 
-def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.ndarray | None) -> np.ndarray:
+def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.ndarray | None,
+                     out_dtype: np.dtype | None = None) -> np.ndarray:
     """Run kernel family ``name`` over same-shape ``inputs`` into an output of that shape.
 
     ``out`` may be the first input itself (the kernels then work in place); any other
-    overlap with an input is computed aside and copied.
+    overlap with an input is computed aside and copied. 16-bit arrays go to the row
+    kernels as uint16 bits; for them any other layout is copied (in 16 bits) first.
     """
     like = inputs[0]
-    result = np.empty_like(like) if out is None else out
+    out_dtype = like.dtype if out_dtype is None else out_dtype
+    result = np.empty_like(like, dtype=out_dtype) if out is None else out
     if result.size == 0:
         return result
     target = result
-    in_place = out is not None and _same_memory(out, like)
+    in_place = out is not None and _same_memory(out, like) and out.dtype == like.dtype
     if out is not None and not in_place and any(np.may_share_memory(out, x) for x in inputs):
-        target = np.empty_like(like)
+        target = np.empty_like(like, dtype=out_dtype)
     (target, *inputs), flipped = _class_flipped([target, *inputs], axis)
-    plan = plan_layout([readonly_view(x) for x in inputs] + [target], axis)
-    if plan is None:  # layouts no common view describes (unaligned, interleaved): copies
-        inputs = [aligned_copy(x) for x in inputs]
-        target = np.empty(inputs[0].shape, like.dtype)
+    views = [kernel_view(a) for a in (*inputs, target)]
+    half_format = max(fmt for _, fmt in views)  # one 16-bit format per call
+    plan = plan_layout([readonly_view(v) for v, _ in views[:-1]] + [views[-1][0]], axis)
+    moved = plan is None or (half_format != NOT_16BIT and not plan.is_rows)
+    if moved:  # unaligned, interleaved, or 16-bit off the rows: copies with classes last
+        inputs = [aligned_copy(np.moveaxis(x, axis, -1)) for x in inputs]
+        target = np.empty(inputs[0].shape, out_dtype)
         in_place = False
-        plan = require_plan([readonly_view(x) for x in inputs] + [target], axis)
+        views = [kernel_view(a) for a in (*inputs, target)]
+        plan = require_plan([readonly_view(v) for v, _ in views[:-1]] + [views[-1][0]], like.ndim - 1)
     if _is_small_class_rows(plan) and name in ("softmax", "log_softmax"):
         (source, destination) = plan.operands
         _launch(f"{name}_row_blocks", source.buffer, source.start, destination.buffer, destination.start,
-                                                 plan.n_outer, plan.n_classes, in_place)
+                plan.n_outer, plan.n_classes, in_place, half_format)
+    elif plan.is_rows:
+        _launch(f"{name}_rows", *_kernel_args(plan), in_place, half_format)
     else:
-        suffix = "rows" if plan.is_rows else "columns"
-        _launch(f"{name}_{suffix}", *_kernel_args(plan), in_place)
+        _launch(f"{name}_columns", *_kernel_args(plan), in_place)
     if not np.may_share_memory(target, result):
-        np.copyto(result, np.flip(target, axis) if flipped else target)
+        computed = np.moveaxis(target, -1, axis) if moved else target
+        np.copyto(result, np.flip(computed, axis) if flipped else computed)
     return result
+
+
+def _source_and_result_dtype(x: ArrayLike, dtype: DTypeLike) -> tuple[np.ndarray, np.dtype]:
+    """``x`` as a supported array, and the result dtype (``dtype=``, else ``x``'s).
+
+    As ``torch.softmax(x, dtype=...)``, ``x`` is cast to ``dtype`` first; from 16 bits
+    to float32/float64 the kernels decode exactly instead, with no cast array.
+    """
+    x = as_float_array(x, "x")
+    if dtype is None:
+        return x, x.dtype
+    out_dtype = float_dtype(dtype)
+    if out_dtype != x.dtype and not (is_16bit(x.dtype) and not is_16bit(out_dtype)):
+        x = x.astype(out_dtype)
+    return x, out_dtype
 
 
 def softmax(x: ArrayLike, axis: int = -1, *, out: np.ndarray | None = None, dtype: DTypeLike = None) -> np.ndarray:
@@ -140,11 +174,11 @@ def softmax(x: ArrayLike, axis: int = -1, *, out: np.ndarray | None = None, dtyp
     >>> fastsce.softmax(np.array([0.0, np.log(3.0)]))
     array([0.25, 0.75])
     """
-    x = as_float_array(x, "x", dtype)
+    x, out_dtype = _source_and_result_dtype(x, dtype)
     axis = normalize_axis(axis, x.ndim)
     if out is not None:
-        check_out(out, x.shape, x.dtype)
-    return _run_elementwise("softmax", [x], axis, out)
+        check_out(out, x.shape, out_dtype)
+    return _run_elementwise("softmax", [x], axis, out, out_dtype)
 
 
 def log_softmax(
@@ -160,11 +194,11 @@ def log_softmax(
     >>> fastsce.log_softmax(np.array([0.0, 0.0]))
     array([-0.69314718, -0.69314718])
     """
-    x = as_float_array(x, "x", dtype)
+    x, out_dtype = _source_and_result_dtype(x, dtype)
     axis = normalize_axis(axis, x.ndim)
     if out is not None:
-        check_out(out, x.shape, x.dtype)
-    return _run_elementwise("log_softmax", [x], axis, out)
+        check_out(out, x.shape, out_dtype)
+    return _run_elementwise("log_softmax", [x], axis, out, out_dtype)
 
 
 def logsumexp(
@@ -205,22 +239,26 @@ def logsumexp(
         reduced = np.full(reduced_shape, -np.inf, x.dtype)
     else:
         (x,), _ = _class_flipped([x], axis)
-        plan = plan_layout([readonly_view(x)], axis)
-        if plan is None:
-            x = aligned_copy(x)
-            plan = require_plan([readonly_view(x)], axis)
-        flat = np.empty(plan.n_outer * plan.n_inner, x.dtype)
+        bits, half_format = kernel_view(x)
+        plan = plan_layout([readonly_view(bits)], axis)
+        if plan is None or (half_format != NOT_16BIT and not plan.is_rows):
+            x = aligned_copy(np.moveaxis(x, axis, -1))  # the other axes keep their order
+            axis = x.ndim - 1
+            bits, half_format = kernel_view(x)
+            plan = require_plan([readonly_view(bits)], axis)
+        flat = np.empty(plan.n_outer * plan.n_inner, compute_dtype(x.dtype))
         (source,) = plan.operands
         if _is_small_class_rows(plan):
-            _launch("logsumexp_row_blocks", source.buffer, source.start, flat, plan.n_outer, plan.n_classes)
+            _launch("logsumexp_row_blocks", source.buffer, source.start, flat, plan.n_outer, plan.n_classes,
+                    half_format)
         elif plan.is_rows:
             _launch("logsumexp_rows", source.buffer, source.start, source.outer_stride, flat,
-                                      plan.n_outer, plan.n_classes)
+                    plan.n_outer, plan.n_classes, half_format)
         else:
             _launch("logsumexp_columns", source.buffer, source.start, source.outer_stride, source.class_stride,
                                          flat, plan.n_outer, plan.n_classes, plan.n_inner,
                                          _column_block(plan, x.itemsize))
-        reduced = plan.reduced_to_original(flat, x.shape)
+        reduced = plan.reduced_to_original(flat, x.shape).astype(x.dtype, copy=False)
     result = reduced.reshape(result_shape)
     if out is not None:
         np.copyto(out, result)
@@ -235,7 +273,8 @@ def _backward(name: str, grad_output: ArrayLike, output: ArrayLike, axis: int, o
         raise ValueError(
             f"grad_output has shape {grad_output.shape} but output has shape {output.shape}; they must match"
         )
-    dtype = np.result_type(result_dtype(grad_output.dtype, "grad_output"), result_dtype(output.dtype, "output"))
+    g_dtype, s_dtype = result_dtype(grad_output.dtype, "grad_output"), result_dtype(output.dtype, "output")
+    dtype = g_dtype if g_dtype == s_dtype else np.promote_types(compute_dtype(g_dtype), compute_dtype(s_dtype))
     grad_output = as_float_array(grad_output, "grad_output", dtype)
     output = as_float_array(output, "output", dtype)
     axis = normalize_axis(axis, output.ndim)

@@ -498,7 +498,7 @@ def test_dtype_with_out(name, rng):
         fn(name)(x, dtype=np.float64, out=np.empty((4, 6), np.float32))
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.int64, np.complex128, object])
+@pytest.mark.parametrize("dtype", [np.longdouble, np.int64, np.complex128, object])
 @pytest.mark.parametrize("name", WITH_DTYPE)
 def test_dtype_argument_unsupported(name, dtype):
     with pytest.raises(TypeError):
@@ -526,7 +526,7 @@ def test_integer_and_bool_promote_to_float64(name, in_dtype, rng):
 
 def _bad_arrays():
     return {
-        "float16": np.ones((2, 3), np.float16),
+        "longdouble": np.ones((2, 3), np.longdouble),
         "complex64": np.ones((2, 3), np.complex64),
         "complex128": np.ones((2, 3), np.complex128),
         "object": np.ones((2, 3), dtype=object),

@@ -29,6 +29,7 @@ import numpy as np
 
 from .._config import ELEMENTWISE_FASTMATH, FASTMATH, JIT_OPTIONS
 from .._math import exp, exp_diff, fmaximum
+from .rowio import load_row, readable_row, row_max, store_row, work_buffer, working_row
 
 reduction = numba.njit(fastmath=FASTMATH, **JIT_OPTIONS)
 # Elementwise loops leave out `reassoc`: `(x - m) - log_sum` must keep its order.
@@ -47,26 +48,6 @@ def copy_into(src, dst):
     """``dst[:] = src`` (the arrays must not overlap)."""
     for j in range(dst.size):
         dst[j] = src[j]
-
-
-@reduction
-def copy_max(src, dst):
-    """``dst[:] = src`` (no overlap) fused with :func:`row_max`: one read of ``src``."""
-    m = src[0]
-    for j in range(dst.size):
-        v = src[j]
-        dst[j] = v
-        m = fmaximum(m, v)
-    return m
-
-
-@reduction
-def row_max(row):
-    """Largest entry; NaN if the row holds a NaN."""
-    m = row[0]
-    for j in range(row.size):
-        m = fmaximum(m, row[j])
-    return m
 
 
 @reduction
@@ -168,12 +149,6 @@ def row_logsumexp(row):
 
 
 @reduction
-def load_row(src, dst, in_place):
-    """Bring a row into ``dst`` (unless it is there already); returns its max."""
-    return row_max(dst) if in_place else copy_max(src, dst)
-
-
-@reduction
 def softmax_row(row, m):
     """``row = softmax(row)`` in place, given ``m = max(row)``."""
     total = exp_inplace(row, m)
@@ -189,49 +164,61 @@ def log_softmax_row(row, m):
 
 # ------------------------------------------------------------------- row kernels ----
 @parallel
-def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_place):
-    """``out[i] = softmax(x[i])`` for each row; ``in_place``: ``out`` is ``x``."""
+def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_place, half_format):
+    """``out[i] = softmax(x[i])`` for each row; ``in_place``: ``out`` is ``x``.
+
+    16-bit arrays arrive as uint16 bits (``half_format`` says which); see ``rowio``.
+    """
     for i in numba.prange(n_rows):
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        softmax_row(dst, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], dst, in_place))
+        row = working_row(dst, work_buffer(out, n_cols))
+        softmax_row(row, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], row, in_place, half_format))
+        store_row(row, dst, half_format)
 
 
 @parallel
-def log_softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_place):
-    """``out[i] = log_softmax(x[i])`` for each row; ``in_place``: ``out`` is ``x``."""
+def log_softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_place, half_format):
+    """``out[i] = log_softmax(x[i])`` for each row; arguments as :func:`softmax_rows`."""
     for i in numba.prange(n_rows):
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        log_softmax_row(dst, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], dst, in_place))
+        row = working_row(dst, work_buffer(out, n_cols))
+        log_softmax_row(row, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], row, in_place, half_format))
+        store_row(row, dst, half_format)
 
 
 @parallel
-def logsumexp_rows(x, x_start, x_ld, out, n_rows, n_cols):
-    """``out[i] = log Σ_j exp(x[i, j])``, ``out`` contiguous."""
+def logsumexp_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format):
+    """``out[i] = log Σ_j exp(x[i, j])``, ``out`` contiguous float32/float64."""
     for i in numba.prange(n_rows):
-        out[i] = row_logsumexp(x[x_start + i * x_ld : x_start + i * x_ld + n_cols])
+        src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
+        out[i] = row_logsumexp(readable_row(src, work_buffer(x, n_cols), half_format))
 
 
 @parallel
-def softmax_backward_rows(g, g_start, g_ld, s, s_start, s_ld, out, out_start, out_ld, n_rows, n_cols, in_place):
+def softmax_backward_rows(g, g_start, g_ld, s, s_start, s_ld, out, out_start, out_ld, n_rows, n_cols, in_place,
+                          half_format):
     """``out[i] = s[i] · (g[i] - Σ_j g[i, j] s[i, j])``; ``in_place``: ``out`` is ``g``."""
     for i in numba.prange(n_rows):
-        prob = s[s_start + i * s_ld : s_start + i * s_ld + n_cols]
+        prob = readable_row(s[s_start + i * s_ld : s_start + i * s_ld + n_cols], work_buffer(s, n_cols), half_format)
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        if not in_place:
-            copy_into(g[g_start + i * g_ld : g_start + i * g_ld + n_cols], dst)
-        softmax_backward_inplace(dst, prob, dst.dtype.type(row_dot(dst, prob)))
+        row = working_row(dst, work_buffer(out, n_cols))
+        load_row(g[g_start + i * g_ld : g_start + i * g_ld + n_cols], row, in_place, half_format)
+        softmax_backward_inplace(row, prob, row.dtype.type(row_dot(row, prob)))
+        store_row(row, dst, half_format)
 
 
 @parallel
 def log_softmax_backward_rows(g, g_start, g_ld, ls, ls_start, ls_ld, out, out_start, out_ld, n_rows, n_cols,
-                              in_place):
+                              in_place, half_format):
     """``out[i] = g[i] - exp(ls[i]) · Σ_j g[i, j]``; ``in_place``: ``out`` is ``g``."""
     for i in numba.prange(n_rows):
-        log_prob = ls[ls_start + i * ls_ld : ls_start + i * ls_ld + n_cols]
+        log_prob = readable_row(ls[ls_start + i * ls_ld : ls_start + i * ls_ld + n_cols], work_buffer(ls, n_cols),
+                                half_format)
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        if not in_place:
-            copy_into(g[g_start + i * g_ld : g_start + i * g_ld + n_cols], dst)
-        log_softmax_backward_inplace(dst, log_prob, dst.dtype.type(row_sum(dst)))
+        row = working_row(dst, work_buffer(out, n_cols))
+        load_row(g[g_start + i * g_ld : g_start + i * g_ld + n_cols], row, in_place, half_format)
+        log_softmax_backward_inplace(row, log_prob, row.dtype.type(row_sum(row)))
+        store_row(row, dst, half_format)
 
 
 # -------------------------------------------------------- small-class row blocks ----
@@ -337,14 +324,14 @@ def block_bounds(b, n_rows, rows_per_block):
 
 
 @parallel
-def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place):
+def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place, half_format):
     """Softmax of contiguous rows (``ld == n_cols``) with few classes, block by block."""
     rows_per_block = block_rows(n_cols)
     for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
         lo, hi = block_bounds(b, n_rows, rows_per_block)
-        dst = out[out_start + lo * n_cols : out_start + hi * n_cols]
-        if not in_place:
-            copy_into(x[x_start + lo * n_cols : x_start + hi * n_cols], dst)
+        target = out[out_start + lo * n_cols : out_start + hi * n_cols]
+        dst = working_row(target, work_buffer(out, target.size))
+        load_row(x[x_start + lo * n_cols : x_start + hi * n_cols], dst, in_place, half_format)
         per_row = np.empty(hi - lo, dst.dtype)
         per_element = np.empty(dst.size, dst.dtype)
         rows_max(dst, n_cols, per_row)
@@ -353,17 +340,18 @@ def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place):
         rows_sum(dst, n_cols, per_row)
         spread_rows(1.0 / per_row, n_cols, per_element)
         multiply_elementwise(dst, per_element)
+        store_row(dst, target, half_format)
 
 
 @parallel
-def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place):
+def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place, half_format):
     """Log-softmax of contiguous rows (``ld == n_cols``) with few classes, block by block."""
     rows_per_block = block_rows(n_cols)
     for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
         lo, hi = block_bounds(b, n_rows, rows_per_block)
-        dst = out[out_start + lo * n_cols : out_start + hi * n_cols]
-        if not in_place:
-            copy_into(x[x_start + lo * n_cols : x_start + hi * n_cols], dst)
+        target = out[out_start + lo * n_cols : out_start + hi * n_cols]
+        dst = working_row(target, work_buffer(out, target.size))
+        load_row(x[x_start + lo * n_cols : x_start + hi * n_cols], dst, in_place, half_format)
         per_row = np.empty(hi - lo, dst.dtype)
         shift = np.empty(dst.size, dst.dtype)
         scratch = np.empty(dst.size, dst.dtype)
@@ -374,15 +362,17 @@ def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place)
         rows_sum(scratch, n_cols, per_row)
         spread_rows(np.log(per_row), n_cols, scratch)
         log_softmax_elementwise(dst, shift, scratch)
+        store_row(dst, target, half_format)
 
 
 @parallel
-def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols):
+def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
     """``out[i] = log Σ_j exp(x[i, j])`` for contiguous rows with few classes."""
     rows_per_block = block_rows(n_cols)
     for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
         lo, hi = block_bounds(b, n_rows, rows_per_block)
-        src = x[x_start + lo * n_cols : x_start + hi * n_cols]
+        bits_or_values = x[x_start + lo * n_cols : x_start + hi * n_cols]
+        src = readable_row(bits_or_values, work_buffer(x, bits_or_values.size), half_format)
         maxima = np.empty(hi - lo, src.dtype)
         sums = np.empty(hi - lo, src.dtype)
         shift = np.empty(src.size, src.dtype)

@@ -27,7 +27,8 @@ import math
 import numba
 import numpy as np
 
-from .softmax import exp_inplace, load_row, logsumexp_from_max, parallel, reduction, row_max, scale_inplace
+from .rowio import load_row, readable_row, row_max, store_row, work_buffer, working_row
+from .softmax import exp_inplace, logsumexp_from_max, parallel, reduction, scale_inplace
 from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS
 
 elementwise = numba.njit(fastmath=ELEMENTWISE_FASTMATH, **JIT_OPTIONS)
@@ -144,18 +145,18 @@ def _grad_rows_at(grad_rows, i):
 @parallel
 def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, in_place, with_grad,
                    target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
-                   grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax):
+                   grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format):
     """Cross-entropy with class-index targets for each row; see the module docstring.
 
     ``with_grad``: write the gradient into ``out`` (``in_place``: ``out`` is ``x``).
     ``grad_rows``: per-row ``grad_output`` factors (length ``n_rows``) or one factor.
     ``row_loss``, ``row_lse``, ``row_argmax``: per-row outputs, or empty to skip.
     ``chunk_loss``/``chunk_z``: per-chunk sums of the weighted loss and of ``lse²``
-    over the rows that count.
+    over the rows that count. 16-bit logits arrive as uint16 bits (``half_format``).
     """
     keep = 1.0 - smoothing
     spread = smoothing / n_classes
-    dtype = x.dtype.type
+    dtype = weight.dtype.type  # the compute dtype: float32 for 16-bit logits
     for k in numba.prange(chunk_count(n_rows)):
         lo, hi = chunk_bounds(k, n_rows)
         loss_sum = 0.0
@@ -166,8 +167,9 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
             valid = t != ignore_index
             x_t = smooth_dot = w_t = 0.0
             if with_grad and valid:
-                row = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                m = load_row(src, row, in_place)
+                dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
+                row = working_row(dst, work_buffer(out, n_classes))
+                m = load_row(src, row, in_place, half_format)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 x_t = np.float64(row[t])
                 smooth_dot = row_dot_weights(row, weight) if smoothing != 0.0 else 0.0
@@ -181,13 +183,15 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 else:
                     scale_inplace(row, dtype(a))
                 row[t] -= dtype(g * keep * w_t)
+                store_row(row, dst, half_format)
             else:
-                m = row_max(src)
-                argmax = first_argmax(src, m) if row_argmax.size else -1
-                lse = logsumexp_from_max(src, m) if valid or row_lse.size else 0.0
+                values = readable_row(src, work_buffer(x, n_classes), half_format)
+                m = row_max(values)
+                argmax = first_argmax(values, m) if row_argmax.size else -1
+                lse = logsumexp_from_max(values, m) if valid or row_lse.size else 0.0
                 if valid:
-                    x_t = np.float64(src[t])
-                    smooth_dot = row_dot_weights(src, weight) if smoothing != 0.0 else 0.0
+                    x_t = np.float64(values[t])
+                    smooth_dot = row_dot_weights(values, weight) if smoothing != 0.0 else 0.0
                     w_t = np.float64(weight[t])
                 if with_grad:
                     zero_inplace(out[out_start + i * out_ld : out_start + i * out_ld + n_classes])
@@ -210,22 +214,24 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
 @parallel
 def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n_rows, n_classes, in_place,
                    with_grad, weight, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows,
-                   chunk_loss, chunk_z, row_loss, row_lse, row_argmax):
+                   chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format):
     """Cross-entropy with class-probability targets ``y`` for each row; see the module
     docstring. Arguments as :func:`hard_xent_rows`."""
     keep = 1.0 - smoothing
     spread = smoothing / n_classes
-    dtype = x.dtype.type
+    dtype = weight.dtype.type  # the compute dtype: float32 for 16-bit logits
     for k in numba.prange(chunk_count(n_rows)):
         lo, hi = chunk_bounds(k, n_rows)
         loss_sum = 0.0
         z_sum = 0.0
         for i in range(lo, hi):
             src = x[x_start + i * x_ld : x_start + i * x_ld + n_classes]
-            probs = y[y_start + i * y_ld : y_start + i * y_ld + n_classes]
+            probs = readable_row(y[y_start + i * y_ld : y_start + i * y_ld + n_classes], work_buffer(y, n_classes),
+                                 half_format)
             if with_grad:
-                row = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                m = load_row(src, row, in_place)
+                dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
+                row = working_row(dst, work_buffer(out, n_classes))
+                m = load_row(src, row, in_place, half_format)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(row, probs, weight, keep, spread)
                 total = exp_inplace(row, m)
@@ -233,11 +239,13 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = (g * v_total + _grad_rows_at(grad_rows, i) * z_grad_scale * 2.0 * z_loss * lse) / total
                 soft_grad_inplace(row, dtype(a), probs, weight, dtype(g), dtype(keep), dtype(spread))
+                store_row(row, dst, half_format)
             else:
-                m = row_max(src)
-                argmax = first_argmax(src, m) if row_argmax.size else -1
-                v_total, vx_total = soft_target_sums(src, probs, weight, keep, spread)
-                lse = logsumexp_from_max(src, m)
+                values = readable_row(src, work_buffer(x, n_classes), half_format)
+                m = row_max(values)
+                argmax = first_argmax(values, m) if row_argmax.size else -1
+                v_total, vx_total = soft_target_sums(values, probs, weight, keep, spread)
+                lse = logsumexp_from_max(values, m)
             loss = v_total * lse - vx_total
             loss_sum += loss
             z_sum += lse * lse
