@@ -24,6 +24,10 @@ JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
 # How a kernel reads uint16 bits (its `half_format` argument); -1: not 16-bit.
 FLOAT16, BFLOAT16, NOT_16BIT = 0, 1, -1
 
+# Below this many classes, back-to-back rows are processed in blocks (row kernels
+# would spend each short row in scalar loop epilogues).
+SMALL_CLASSES = 64
+
 # Rows per chunk of the cross-entropy's loss sums: fixed, so that the order of the
 # float64 additions (and so "mean"/"sum" to the last bit) does not depend on threads.
 CHUNK_ROWS = 256

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._config import CHUNK_ROWS
+from ._config import CHUNK_ROWS, SMALL_CLASSES
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
 from ._validation import (
     as_float_array,
@@ -141,6 +141,12 @@ def _rows_plan(arrays: list[np.ndarray], axis: int) -> Plan | None:
     return plan if plan is not None and plan.is_rows else None
 
 
+def _back_to_back_few_classes(plan: Plan) -> bool:
+    """Rows of few classes with no gaps between them: the row-block kernel applies."""
+    return plan.n_classes < SMALL_CLASSES and all(
+        op.outer_stride == plan.n_classes or plan.n_outer == 1 or op.buffer.size == 0 for op in plan.operands)
+
+
 def _in_plan_order(values: np.ndarray, plan: Plan, axis: int) -> np.ndarray:
     """Per-row values (shaped like logits without ``axis``) in the plan's row order."""
     order = tuple(a if a < axis else a - 1 for a in plan.outer_axes)
@@ -235,7 +241,13 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
                                       row_argmax, half_format)
         else:
             target_rows = _in_plan_order(targets.flat.reshape(loss_shape), plan, work_axis)
-            _launch("hard_xent_rows", *common, n_rows, n_classes, in_place, with_grad, target_rows, ignore_index,
+            if _back_to_back_few_classes(plan):
+                x_start, g_start = common[1], common[4]
+                common = (common[0], x_start, common[3], g_start)
+                kernel = "hard_xent_row_blocks"
+            else:
+                kernel = "hard_xent_rows"
+            _launch(kernel, *common, n_rows, n_classes, in_place, with_grad, target_rows, ignore_index,
                                       weights, weight_sum, float(label_smoothing), float(z_loss), grad_scale,
                                       z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse, row_argmax,
                                       half_format)

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
-from ._config import NOT_16BIT, get_num_threads
+from ._config import NOT_16BIT, SMALL_CLASSES, get_num_threads
 from ._validation import (
     as_float_array,
     check_out,
@@ -32,8 +32,6 @@ __all__ = [
 
 # A column tile (classes x neighbouring columns) should stay in L2 between its passes.
 _TILE_BYTES = 256 * 1024
-# Below this many classes, rows are processed in blocks (see _kernels.softmax).
-SMALL_CLASSES = 64
 # softmax_jacobian materializes C*C per row; refuse sizes that are surely a mistake.
 JACOBIAN_MAX_CLASSES = 4096
 JACOBIAN_MAX_ELEMENTS = 2**27

@@ -28,7 +28,18 @@ import numba
 import numpy as np
 
 from .rowio import load_row, readable_row, row_max, store_row, work_buffer, working_row
-from .softmax import exp_inplace, logsumexp_from_max, parallel, reduction, scale_inplace
+from .softmax import (
+    exp_inplace,
+    exp_shifted_inplace,
+    logsumexp_from_max,
+    multiply_elementwise,
+    parallel,
+    reduction,
+    rows_max,
+    rows_sum,
+    scale_inplace,
+    spread_rows,
+)
 from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS
 
 elementwise = numba.njit(fastmath=ELEMENTWISE_FASTMATH, **JIT_OPTIONS)
@@ -137,6 +148,18 @@ def zero_inplace(row):
 
 
 @numba.njit(**JIT_OPTIONS)
+def hard_row_loss(lse, x_t, w_t, smooth_dot, keep, spread, weight_sum):
+    """``(1-ε)·w_t·(lse - x_t) + ε/C·(W·lse - Σ_c w_c x_c)`` for a counted row."""
+    return keep * w_t * (lse - x_t) + spread * (weight_sum * lse - smooth_dot)
+
+
+@numba.njit(**JIT_OPTIONS)
+def softmax_coefficient(g, g_z, ce_mass, z_loss, lse, total):
+    """``a`` in ``grad = exp(x - m)·a - b``: ``(g·ce_mass + g_z·2λ·lse) / Σ exp(x - m)``."""
+    return (g * ce_mass + g_z * 2.0 * z_loss * lse) / total
+
+
+@numba.njit(**JIT_OPTIONS)
 def _grad_rows_at(grad_rows, i):
     """``grad_output`` for row ``i``: per-row factors, or one for all rows."""
     return grad_rows[i] if grad_rows.size > 1 else grad_rows[0]
@@ -177,7 +200,8 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 lse = lse_from_total(m, total)
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
-                a = (g * (keep * w_t + spread * weight_sum) + _grad_rows_at(grad_rows, i) * z_grad_scale * 2.0 * z_loss * lse) / total
+                a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, keep * w_t + spread * weight_sum,
+                                        z_loss, lse, total)
                 if smoothing != 0.0:
                     smoothed_grad_inplace(row, dtype(a), dtype(g * spread), weight)
                 else:
@@ -197,7 +221,7 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                     zero_inplace(out[out_start + i * out_ld : out_start + i * out_ld + n_classes])
             loss = 0.0
             if valid:
-                loss = keep * w_t * (lse - x_t) + spread * (weight_sum * lse - smooth_dot)
+                loss = hard_row_loss(lse, x_t, w_t, smooth_dot, keep, spread, weight_sum)
                 loss_sum += loss
                 z_sum += lse * lse
                 loss += z_loss * lse * lse
@@ -237,7 +261,7 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 total = exp_inplace(row, m)
                 lse = lse_from_total(m, total)
                 g = _grad_rows_at(grad_rows, i) * grad_scale
-                a = (g * v_total + _grad_rows_at(grad_rows, i) * z_grad_scale * 2.0 * z_loss * lse) / total
+                a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, v_total, z_loss, lse, total)
                 soft_grad_inplace(row, dtype(a), probs, weight, dtype(g), dtype(keep), dtype(spread))
                 store_row(row, dst, half_format)
             else:
@@ -257,3 +281,87 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 row_argmax[i] = argmax
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
+
+
+@parallel
+def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, in_place, with_grad,
+                         target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
+                         grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format):
+    """:func:`hard_xent_rows` for back-to-back rows with few classes (``ld == n_classes``).
+
+    One loss chunk of rows at a time: per-row max and sum over 8 rows side by side,
+    exp and the gradient's scaling as flat vector loops (see ``softmax.py``).
+    """
+    keep = 1.0 - smoothing
+    spread = smoothing / n_classes
+    dtype = weight.dtype.type
+    for k in numba.prange(chunk_count(n_rows)):
+        lo, hi = chunk_bounds(k, n_rows)
+        size = (hi - lo) * n_classes
+        src = x[x_start + lo * n_classes : x_start + lo * n_classes + size]
+        dst = out[out_start + lo * n_classes : out_start + lo * n_classes + size] if with_grad else out[:0]
+        if with_grad:
+            block = working_row(dst, work_buffer(out, size))
+            load_row(src, block, in_place, half_format)
+        else:
+            block = readable_row(src, work_buffer(x, size), half_format).copy()  # exp goes in place
+        maxima = np.empty(hi - lo, block.dtype)
+        rows_max(block, n_classes, maxima)
+        logits_t = np.zeros(hi - lo)
+        smooth_dots = np.zeros(hi - lo)
+        for r in range(hi - lo):
+            row = block[r * n_classes : (r + 1) * n_classes]
+            if row_argmax.size:
+                row_argmax[lo + r] = first_argmax(row, maxima[r])
+            t = target[lo + r]
+            if t != ignore_index:
+                logits_t[r] = row[t]
+                if smoothing != 0.0:
+                    smooth_dots[r] = row_dot_weights(row, weight)
+        per_element = np.empty(size, block.dtype)
+        spread_rows(maxima, n_classes, per_element)
+        exp_shifted_inplace(block, per_element)
+        sums = np.empty(hi - lo, block.dtype)
+        rows_sum(block, n_classes, sums)
+        loss_sum = 0.0
+        z_sum = 0.0
+        coefficients = np.zeros(hi - lo, block.dtype)
+        for r in range(hi - lo):
+            i = lo + r
+            t = target[i]
+            m = maxima[r]
+            lse = np.float64(m) if math.isinf(m) else m + math.log(np.float64(sums[r]))
+            loss = 0.0
+            if t != ignore_index:
+                w_t = np.float64(weight[t])
+                loss = hard_row_loss(lse, logits_t[r], w_t, smooth_dots[r], keep, spread, weight_sum)
+                loss_sum += loss
+                z_sum += lse * lse
+                loss += z_loss * lse * lse
+                g = _grad_rows_at(grad_rows, i) * grad_scale
+                coefficients[r] = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale,
+                                                      keep * w_t + spread * weight_sum, z_loss, lse, sums[r])
+            if row_loss.size:
+                row_loss[i] = loss
+            if row_lse.size:
+                row_lse[i] = lse
+        chunk_loss[k] = loss_sum
+        chunk_z[k] = z_sum
+        if not with_grad:
+            continue
+        spread_rows(coefficients, n_classes, per_element)
+        multiply_elementwise(block, per_element)
+        for r in range(hi - lo):
+            t = target[lo + r]
+            if t == ignore_index:
+                continue  # its coefficient is 0 and exp(x - m) finite, or NaN (then 0 below)
+            g = _grad_rows_at(grad_rows, lo + r) * grad_scale
+            row = block[r * n_classes : (r + 1) * n_classes]
+            if smoothing != 0.0:
+                for j in range(n_classes):
+                    row[j] -= dtype(g * spread) * weight[j]
+            row[t] -= dtype(g * keep * weight[t])
+        for r in range(hi - lo):
+            if target[lo + r] == ignore_index:
+                zero_inplace(block[r * n_classes : (r + 1) * n_classes])
+        store_row(block, dst, half_format)
