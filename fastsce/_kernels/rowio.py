@@ -162,3 +162,22 @@ def _store_row(row, dst, half_format):
     if _is_bits(dst):
         return lambda row, dst, half_format: encode_into(row, dst, half_format)
     return lambda row, dst, half_format: None
+
+
+# -------------------------------------------------------------- kernel prologues ----
+@_reduction
+def open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, in_place, half_format):
+    """Row ``i`` ready to compute on: ``(destination, working row, max)``."""
+    dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
+    row = working_row(dst, work_buffer(out, n_cols))
+    m = load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], row, in_place, half_format)
+    return dst, row, m
+
+
+@_reduction
+def open_block(x, x_start, out, out_start, lo, hi, n_cols, in_place, half_format):
+    """Back-to-back rows ``[lo, hi)`` ready to compute on: ``(destination, working block)``."""
+    dst = out[out_start + lo * n_cols : out_start + hi * n_cols]
+    block = working_row(dst, work_buffer(out, dst.size))
+    load_row(x[x_start + lo * n_cols : x_start + hi * n_cols], block, in_place, half_format)
+    return dst, block

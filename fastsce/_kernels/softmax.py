@@ -29,7 +29,7 @@ import numpy as np
 
 from .._config import ELEMENTWISE_FASTMATH, FASTMATH, JIT_OPTIONS
 from .._math import exp, exp_diff, fmaximum
-from .rowio import load_row, readable_row, row_max, store_row, work_buffer, working_row
+from .rowio import open_block, open_row, readable_row, row_max, store_row, work_buffer
 
 reduction = numba.njit(fastmath=FASTMATH, **JIT_OPTIONS)
 # Elementwise loops leave out `reassoc`: `(x - m) - log_sum` must keep its order.
@@ -170,9 +170,8 @@ def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_pl
     16-bit arrays arrive as uint16 bits (``half_format`` says which); see ``rowio``.
     """
     for i in numba.prange(n_rows):
-        dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        row = working_row(dst, work_buffer(out, n_cols))
-        softmax_row(row, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], row, in_place, half_format))
+        dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
+        softmax_row(row, m)
         store_row(row, dst, half_format)
 
 
@@ -180,9 +179,8 @@ def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_pl
 def log_softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_place, half_format):
     """``out[i] = log_softmax(x[i])`` for each row; arguments as :func:`softmax_rows`."""
     for i in numba.prange(n_rows):
-        dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        row = working_row(dst, work_buffer(out, n_cols))
-        log_softmax_row(row, load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], row, in_place, half_format))
+        dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
+        log_softmax_row(row, m)
         store_row(row, dst, half_format)
 
 
@@ -200,9 +198,7 @@ def softmax_backward_rows(g, g_start, g_ld, s, s_start, s_ld, out, out_start, ou
     """``out[i] = s[i] · (g[i] - Σ_j g[i, j] s[i, j])``; ``in_place``: ``out`` is ``g``."""
     for i in numba.prange(n_rows):
         prob = readable_row(s[s_start + i * s_ld : s_start + i * s_ld + n_cols], work_buffer(s, n_cols), half_format)
-        dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        row = working_row(dst, work_buffer(out, n_cols))
-        load_row(g[g_start + i * g_ld : g_start + i * g_ld + n_cols], row, in_place, half_format)
+        dst, row, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
         softmax_backward_inplace(row, prob, row.dtype.type(row_dot(row, prob)))
         store_row(row, dst, half_format)
 
@@ -214,9 +210,7 @@ def log_softmax_backward_rows(g, g_start, g_ld, ls, ls_start, ls_ld, out, out_st
     for i in numba.prange(n_rows):
         log_prob = readable_row(ls[ls_start + i * ls_ld : ls_start + i * ls_ld + n_cols], work_buffer(ls, n_cols),
                                 half_format)
-        dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        row = working_row(dst, work_buffer(out, n_cols))
-        load_row(g[g_start + i * g_ld : g_start + i * g_ld + n_cols], row, in_place, half_format)
+        dst, row, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
         log_softmax_backward_inplace(row, log_prob, row.dtype.type(row_sum(row)))
         store_row(row, dst, half_format)
 
@@ -329,9 +323,7 @@ def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place, hal
     rows_per_block = block_rows(n_cols)
     for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
         lo, hi = block_bounds(b, n_rows, rows_per_block)
-        target = out[out_start + lo * n_cols : out_start + hi * n_cols]
-        dst = working_row(target, work_buffer(out, target.size))
-        load_row(x[x_start + lo * n_cols : x_start + hi * n_cols], dst, in_place, half_format)
+        target, dst = open_block(x, x_start, out, out_start, lo, hi, n_cols, in_place, half_format)
         per_row = np.empty(hi - lo, dst.dtype)
         per_element = np.empty(dst.size, dst.dtype)
         rows_max(dst, n_cols, per_row)
@@ -349,9 +341,7 @@ def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place,
     rows_per_block = block_rows(n_cols)
     for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
         lo, hi = block_bounds(b, n_rows, rows_per_block)
-        target = out[out_start + lo * n_cols : out_start + hi * n_cols]
-        dst = working_row(target, work_buffer(out, target.size))
-        load_row(x[x_start + lo * n_cols : x_start + hi * n_cols], dst, in_place, half_format)
+        target, dst = open_block(x, x_start, out, out_start, lo, hi, n_cols, in_place, half_format)
         per_row = np.empty(hi - lo, dst.dtype)
         shift = np.empty(dst.size, dst.dtype)
         scratch = np.empty(dst.size, dst.dtype)

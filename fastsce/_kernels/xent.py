@@ -27,7 +27,7 @@ import math
 import numba
 import numpy as np
 
-from .rowio import load_row, readable_row, row_max, store_row, work_buffer, working_row
+from .rowio import open_block, open_row, readable_row, row_max, store_row, work_buffer
 from .softmax import (
     exp_inplace,
     exp_shifted_inplace,
@@ -190,9 +190,7 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
             valid = t != ignore_index
             x_t = smooth_dot = w_t = 0.0
             if with_grad and valid:
-                dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                row = working_row(dst, work_buffer(out, n_classes))
-                m = load_row(src, row, in_place, half_format)
+                dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, in_place, half_format)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 x_t = np.float64(row[t])
                 smooth_dot = row_dot_weights(row, weight) if smoothing != 0.0 else 0.0
@@ -253,9 +251,7 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
             probs = readable_row(y[y_start + i * y_ld : y_start + i * y_ld + n_classes], work_buffer(y, n_classes),
                                  half_format)
             if with_grad:
-                dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                row = working_row(dst, work_buffer(out, n_classes))
-                m = load_row(src, row, in_place, half_format)
+                dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, in_place, half_format)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(row, probs, weight, keep, spread)
                 total = exp_inplace(row, m)
@@ -298,12 +294,11 @@ def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, in_place
     for k in numba.prange(chunk_count(n_rows)):
         lo, hi = chunk_bounds(k, n_rows)
         size = (hi - lo) * n_classes
-        src = x[x_start + lo * n_classes : x_start + lo * n_classes + size]
-        dst = out[out_start + lo * n_classes : out_start + lo * n_classes + size] if with_grad else out[:0]
         if with_grad:
-            block = working_row(dst, work_buffer(out, size))
-            load_row(src, block, in_place, half_format)
+            dst, block = open_block(x, x_start, out, out_start, lo, hi, n_classes, in_place, half_format)
         else:
+            dst = out[:0]
+            src = x[x_start + lo * n_classes : x_start + lo * n_classes + size]
             block = readable_row(src, work_buffer(x, size), half_format).copy()  # exp goes in place
         maxima = np.empty(hi - lo, block.dtype)
         rows_max(block, n_classes, maxima)
