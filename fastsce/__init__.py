@@ -5,6 +5,7 @@ import; each kernel compiles (or loads from the on-disk cache) on its first call
 """
 
 from ._config import get_num_threads, set_num_threads, threads
+from .linear import linear_cross_entropy, linear_cross_entropy_with_grad
 from .loss import cross_entropy, cross_entropy_with_grad, nll_loss
 from .softmax import (
     log_softmax,
@@ -21,6 +22,8 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_with_grad",
     "get_num_threads",
+    "linear_cross_entropy",
+    "linear_cross_entropy_with_grad",
     "log_softmax",
     "nll_loss",
     "log_softmax_backward",

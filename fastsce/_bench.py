@@ -165,6 +165,75 @@ def fastsce_call(op: str, x: np.ndarray, target: np.ndarray, axis: int, out: np.
     return calls[op]
 
 
+# ------------------------------------------------------------ linear cross-entropy ----
+# (rows, features, classes) of issue 7: the logits would be 1 GB in float32.
+LINEAR_SHAPE = (8_192, 1_024, 32_000)
+
+
+def linear_inputs(shape: tuple[int, int, int], dtype: str = "float32", seed: int = 0):
+    rows, features, classes = shape
+    rng = np.random.default_rng(seed)
+    hidden = (rng.standard_normal((rows, features), dtype=np.float32) / np.sqrt(features)).astype(dtype)
+    weight = rng.standard_normal((classes, features), dtype=np.float32).astype(dtype)
+    return hidden, weight, rng.integers(0, classes, rows)
+
+
+def linear_three_matmuls(hidden: np.ndarray, weight: np.ndarray) -> Callable[[], None]:
+    """The BLAS work the chunked linear cross-entropy must do anyway, at its chunking:
+    ``h @ W.T``, ``g @ W`` and ``g.T @ h`` per chunk into preallocated buffers."""
+    from fastsce.linear import DEFAULT_MEMORY_BUDGET
+
+    rows, classes = hidden.shape[0], weight.shape[0]
+    chunk = max(1, min(rows, DEFAULT_MEMORY_BUDGET // (classes * hidden.dtype.itemsize)))
+    logits = np.zeros((chunk, classes), hidden.dtype)
+    d_hidden, d_weight = np.zeros_like(hidden), np.zeros_like(weight)
+
+    def run():
+        for lo in range(0, rows, chunk):
+            h, g = hidden[lo : lo + chunk], logits[: min(chunk, rows - lo)]
+            np.matmul(h, weight.T, out=g)
+            np.matmul(g, weight, out=d_hidden[lo : lo + chunk])
+            np.matmul(g.T, h, out=d_weight)
+
+    return run
+
+
+def run_linear(repeats: int, peers: bool, shape: tuple[int, int, int] = LINEAR_SHAPE) -> Result:
+    """linear_cross_entropy_with_grad against its three matmuls (target <= 1.2x) and torch's
+    materialized F.linear + F.cross_entropy forward and backward (target: slower than fastsce)."""
+    hidden, weight, target = linear_inputs(shape)
+    matmuls_s = best_time(linear_three_matmuls(hidden, weight), repeats)
+    fastsce_s = best_time(lambda: fastsce.linear_cross_entropy_with_grad(hidden, weight, target), repeats)
+    # copy_s holds the matmuls' time: the floor of this case
+    result = Result(Case("linear_cross_entropy_with_grad", shape[0], shape[2], "float32"), fastsce_s, matmuls_s)
+    result.targets["matmuls x1.2"] = fastsce_s <= 1.2 * matmuls_s
+    if peers:
+        try:
+            import torch
+            import torch.nn.functional as F
+        except ImportError:
+            torch = None
+        if torch is not None:
+            ht, wt, tt = torch.from_numpy(hidden), torch.from_numpy(weight), torch.from_numpy(target)
+
+            def torch_run():
+                h, w = ht.detach().requires_grad_(True), wt.detach().requires_grad_(True)
+                F.cross_entropy(F.linear(h, w), tt).backward()
+
+            result.peers_s["torch"] = best_time(torch_run, repeats)
+            result.targets["torch"] = result.peers_s["torch"] > fastsce_s
+    return result
+
+
+def format_linear_row(r: Result, shape: tuple[int, int, int] = LINEAR_SHAPE) -> str:
+    torch_cell = f", torch {r.peers_s['torch']:.2f} s (x{r.peers_s['torch'] / r.fastsce_s:.2f})" if (
+        "torch" in r.peers_s) else ""
+    missed = [k for k, ok in r.targets.items() if not ok]
+    return (f"linear_cross_entropy_with_grad (N, D, V)={shape} float32: {r.fastsce_s:.2f} s, "
+            f"{r.fastsce_s / r.copy_s:.2f} x its three matmuls ({r.copy_s:.2f} s){torch_cell}  "
+            + ("ok" if not missed else "MISSED " + ",".join(missed)))
+
+
 # ---------------------------------------------------------------------- driver ----
 def make_data(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
@@ -236,6 +305,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per timing (min is kept)")
     parser.add_argument("--no-peers", action="store_true", help="skip NumPy/torch/JAX references")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--linear", action="store_true",
+                        help=f"also time linear_cross_entropy_with_grad at (N, D, V)={LINEAR_SHAPE} (minutes)")
     args = parser.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     unknown = set(ops) - set(OPS)
@@ -261,6 +332,10 @@ def main(argv: list[str]) -> int:
         print(f"[{n}/{len(cases)}] {case.label} ...", end="\r", file=sys.stderr, flush=True)
         results.append(run_case(case, repeats, not args.no_peers))
         print(format_row(results[-1]), flush=True)
+    if args.linear or args.full:
+        print("[linear] linear_cross_entropy_with_grad ...", end="\r", file=sys.stderr, flush=True)
+        results.append(run_linear(min(repeats, 3), not args.no_peers))
+        print(format_linear_row(results[-1]), flush=True)
     results += axis0_checks(results)
     missed = [f"{r.case.label}: {k}" for r in results for k, ok in r.targets.items() if not ok]
     total = sum(len(r.targets) for r in results)

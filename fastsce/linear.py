@@ -26,8 +26,8 @@ __all__ = ["DEFAULT_MEMORY_BUDGET", "linear_cross_entropy", "linear_cross_entrop
 
 # Bytes of the logits buffer of one chunk, unless ``chunk_size`` says otherwise.
 DEFAULT_MEMORY_BUDGET = 64 * 2**20
-# Without SciPy's BLAS (GEMM with beta=1), ``d_weight += g.T @ h`` goes through a temporary
-# of this many bytes at most, one block of classes at a time.
+# ``d_weight += g.T @ h`` goes through a temporary of at most this many bytes (and at most a
+# quarter of the memory budget), one block of classes at a time.
 WEIGHT_BLOCK_BYTES = 16 * 2**20
 
 
@@ -72,6 +72,7 @@ class _Problem:
     io_dtype: np.dtype
     dtype: np.dtype
     chunk_rows: int
+    memory_budget: int
 
     @property
     def n_work(self) -> int:
@@ -115,38 +116,43 @@ def _prepare(hidden, weight, target, bias, class_weight, ignore_index, reduction
             )
         rows, ce_count, z_count = None, float(n_rows), float(n_rows)
     elif target.dtype.kind in "iu":
-        if target.shape != (n_rows,):
-            raise ValueError(f"target holds class indices and must have shape ({n_rows},), got {target.shape}")
-        too_big = target.dtype.kind == "u" and target.size and target.max() > np.iinfo(np.int64).max
-        flat = np.where(target > n_classes, n_classes, target).astype(np.int64) if too_big else (
-            target.astype(np.int64, copy=False))
-        counted = flat != ignore_index
-        bad = counted & ((flat < 0) | (flat >= n_classes))
-        if bad.any():
-            row = int(np.argmax(bad))
-            raise ValueError(
-                f"target[{row}] = {target[row]} is not a class index in [0, {n_classes}) "
-                f"nor ignore_index ({ignore_index})"
-            )
-        n_counted = int(np.count_nonzero(counted))
-        rows = None if n_counted == n_rows else np.flatnonzero(counted)
-        kept = flat if rows is None else flat[rows]
-        target = flat
-        ce_count = float(np.sum(class_weight[kept], dtype=np.float64)) if class_weight is not None else float(
-            n_counted)
-        z_count = float(n_counted)
+        target, rows, ce_count, z_count = _class_indices(target, n_rows, n_classes, ignore_index, class_weight)
     else:
         raise TypeError(
             f"target must hold integer class indices or float class probabilities, got dtype {target.dtype}"
         )
 
+    budget = _positive_int(memory_budget, "memory_budget")
     if chunk_size is None:
-        budget = _positive_int(memory_budget, "memory_budget")
         chunk_rows = max(1, budget // max(1, n_classes * dtype.itemsize))
     else:
         chunk_rows = _positive_int(chunk_size, "chunk_size")
     return _Problem(hidden, weight, bias, class_weight, target, soft, rows, ce_count, z_count,
-                    hidden.dtype, dtype, chunk_rows)
+                    hidden.dtype, dtype, chunk_rows, budget)
+
+
+def _class_indices(target, n_rows, n_classes, ignore_index, class_weight):
+    """``(int64 targets, counted rows or None, Σ class_weight[t], number counted)``, after
+    checking every index is in ``[0, V)`` or ``ignore_index``."""
+    if target.shape != (n_rows,):
+        raise ValueError(f"target holds class indices and must have shape ({n_rows},), got {target.shape}")
+    if target.dtype.kind == "u" and target.size and target.max() > np.iinfo(np.int64).max:
+        flat = np.minimum(target, n_classes).astype(np.int64)  # too big for int64: any invalid index
+    else:
+        flat = target.astype(np.int64, copy=False)
+    counted = flat != ignore_index
+    bad = counted & ((flat < 0) | (flat >= n_classes))
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise ValueError(
+            f"target[{row}] = {target[row]} is not a class index in [0, {n_classes}) nor ignore_index ({ignore_index})"
+        )
+    n_counted = int(np.count_nonzero(counted))
+    rows = None if n_counted == n_rows else np.flatnonzero(counted)
+    if class_weight is None:
+        return flat, rows, float(n_counted), float(n_counted)
+    kept = flat if rows is None else flat[rows]
+    return flat, rows, float(np.sum(class_weight[kept], dtype=np.float64)), float(n_counted)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -160,36 +166,18 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 # ------------------------------------------------------------------ d_weight ----
-_gemm_cache: dict[np.dtype, Any] = {}
+def _add_weight_grad(d_weight: np.ndarray, g: np.ndarray, h: np.ndarray, first: bool, tmp: np.ndarray) -> None:
+    """``d_weight += g.T @ h`` (``d_weight`` (V, D), ``g`` (r, V), ``h`` (r, D)).
 
-
-def _gemm(dtype: np.dtype):
-    """SciPy's BLAS GEMM for ``dtype`` (C = alpha·op(A)·op(B) + beta·C in place), or None."""
-    if dtype not in _gemm_cache:
-        try:
-            from scipy.linalg.blas import get_blas_funcs
-
-            _gemm_cache[dtype] = get_blas_funcs("gemm", dtype=dtype)
-        except ImportError:
-            _gemm_cache[dtype] = None
-    return _gemm_cache[dtype]
-
-
-def _add_weight_grad(d_weight: np.ndarray, g: np.ndarray, h: np.ndarray, first: bool, tmp_rows: int) -> None:
-    """``d_weight += g.T @ h`` (``d_weight`` C-contiguous (V, D), ``g`` (r, V), ``h`` (r, D))."""
-    if first:
+    NumPy's matmul cannot accumulate (GEMM's beta=1), so each block of classes goes
+    through ``tmp``, small enough to stay in cache for the addition.
+    """
+    if first or d_weight.size == 0:
         np.matmul(g.T, h, out=d_weight)
         return
-    gemm = _gemm(d_weight.dtype)
-    if gemm is not None:
-        # Fortran view: d_weight.T (D, V) += h.T (D, r) @ g (r, V), no copy of any operand.
-        result = gemm(1.0, h.T, g.T, beta=1.0, c=d_weight.T, trans_b=1, overwrite_c=1)
-        if result.__array_interface__["data"][0] != d_weight.__array_interface__["data"][0]:
-            np.copyto(d_weight, result.T)  # a BLAS that would not write in place
-        return
-    tmp = np.empty((min(tmp_rows, d_weight.shape[0]), d_weight.shape[1]), d_weight.dtype)
-    for lo in range(0, d_weight.shape[0], tmp.shape[0]):
-        hi = min(lo + tmp.shape[0], d_weight.shape[0])
+    step = tmp.shape[0]
+    for lo in range(0, d_weight.shape[0], step):
+        hi = min(lo + step, d_weight.shape[0])
         np.matmul(g[:, lo:hi].T, h, out=tmp[: hi - lo])
         d_weight[lo:hi] += tmp[: hi - lo]
 
@@ -227,8 +215,8 @@ def _linear_cross_entropy(p: _Problem, ignore_index, reduction, label_smoothing,
         else:  # every counted row has weight 0: NaN/inf, as the materialized loss
             z_chunk = 0.0
             factors = factors * math.inf
-    options = dict(weight=p.class_weight, ignore_index=ignore_index, reduction=chunk_reduction,
-                   label_smoothing=label_smoothing, z_loss=z_chunk)
+    options = {"weight": p.class_weight, "ignore_index": ignore_index, "reduction": chunk_reduction,
+               "label_smoothing": label_smoothing, "z_loss": z_chunk}
 
     logits_buf = np.empty((chunk, n_classes), p.dtype)
     gather = p.rows is not None or p.io_dtype != p.dtype
@@ -245,14 +233,19 @@ def _linear_cross_entropy(p: _Problem, ignore_index, reduction, label_smoothing,
         d_weight = np.zeros((n_classes, n_features), p.dtype) if n_work == 0 else np.empty(
             (n_classes, n_features), p.dtype)
         d_bias = np.zeros(n_classes, p.dtype) if p.bias is not None else None
-        tmp_rows = max(1, WEIGHT_BLOCK_BYTES // max(1, n_features * p.dtype.itemsize))
+        tmp_bytes = min(WEIGHT_BLOCK_BYTES, p.memory_budget // 4)
+        tmp_rows = max(1, min(n_classes, tmp_bytes // max(1, n_features * p.dtype.itemsize)))
+        weight_tmp = np.empty((tmp_rows, n_features), p.dtype) if n_work > chunk else None
 
     for lo in range(0, n_work, chunk):
         hi = min(lo + chunk, n_work)
         sel = p.select(lo, hi)
         if gather:
             h = hidden_buf[: hi - lo]
-            h[...] = p.hidden[sel]
+            if p.io_dtype == p.dtype:
+                np.take(p.hidden, sel, axis=0, out=h, mode="clip")  # no temporary; indices are valid
+            else:
+                h[...] = p.hidden[sel]
         else:
             h = p.hidden[sel]
         logits = logits_buf[: hi - lo]
@@ -270,7 +263,7 @@ def _linear_cross_entropy(p: _Problem, ignore_index, reduction, label_smoothing,
                 d_hidden[sel] = d_hidden_buf[: hi - lo]
             else:
                 np.matmul(g, p.weight, out=d_hidden[sel])
-            _add_weight_grad(d_weight, g, h, lo == 0, tmp_rows)
+            _add_weight_grad(d_weight, g, h, lo == 0, weight_tmp)
             if d_bias is not None:
                 d_bias += g.sum(axis=0)
         else:
@@ -318,16 +311,17 @@ _PARAMS_DOC = """
         Rows of logits computed at a time; by default as many as fit ``memory_budget``.
     memory_budget : int, default 64 MiB
         Bytes for the logits of one chunk (``chunk_size`` rows × V × 4 or 8 bytes; at
-        least one row).
-"""
+        least one row). The gradient adds a temporary of at most a quarter of it (and
+        at most 16 MiB) for ``d_weight``'s accumulation."""
 
 _DTYPES_DOC = """
-    Dtypes: float32 and float64 compute in their own precision (matmuls through NumPy's
-    BLAS). float16 and ``ml_dtypes.bfloat16`` inputs are computed in float32: each chunk
-    of ``hidden`` is cast to float32, ``weight`` is cast once (a float32 copy of it, and
-    for the gradient a float32 accumulator of ``d_weight``, live during the call), and
-    the results are rounded once to the input dtype.
-"""
+    Notes
+    -----
+    float32 and float64 compute in their own precision, the matmuls through NumPy's
+    BLAS. float16 and ``ml_dtypes.bfloat16`` inputs are computed in float32: each chunk
+    of ``hidden`` is cast to float32 and ``weight`` once, so a float32 copy of it (and,
+    for the gradient, a float32 accumulator of ``d_weight``) lives during the call;
+    the results are rounded once (to nearest even) to the input dtype."""
 
 
 def linear_cross_entropy(
@@ -340,12 +334,14 @@ def linear_cross_entropy(
 
     The same value as ``cross_entropy(hidden @ weight.T + bias, target, weight=class_weight, ...)``
     but the (N, V) logits never exist: at most ``chunk_size`` rows of them do.
-    {params}{dtypes}
+    {params}
+
     Returns
     -------
     float or ndarray
         A Python float for "mean" and "sum"; per-row losses of shape (N,) in the
         input dtype for "none" (0 for ignored rows).
+    {dtypes}
 
     Examples
     --------
@@ -375,13 +371,14 @@ def linear_cross_entropy_with_grad(
     grad_output : float or array_like, default 1.0
         The gradient of the final objective with respect to the loss: a scalar, or for
         ``reduction="none"`` an array of shape (N,).
-    {dtypes}
+
     Returns
     -------
     (loss, d_hidden, d_weight[, d_bias])
         ``loss`` as :func:`linear_cross_entropy`; the gradients have the shapes of
         ``hidden``, ``weight`` and ``bias`` and the input dtype (C-contiguous).
         ``d_bias`` only when ``bias`` is given.
+    {dtypes}
 
     Examples
     --------
