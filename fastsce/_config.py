@@ -7,6 +7,7 @@ import ctypes
 import os
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 
 # Reassociation (vector reductions), FMA contraction, reciprocal and signed-zero
@@ -17,9 +18,41 @@ FASTMATH = {"reassoc", "contract", "arcp", "nsz"}
 # regroup `(x - m) - log_sum` into `x - (m + log_sum)` and lose accuracy.
 ELEMENTWISE_FASTMATH = {"contract", "nsz"}
 
-# Options shared by every @njit: cached on disk, no GIL, NumPy's float error model
-# (Python's would insert a ZeroDivisionError branch into every division).
-JIT_OPTIONS = {"cache": True, "nogil": True, "error_model": "numpy"}
+# Options shared by every @njit (JIT_OPTIONS, computed on first use; see __getattr__):
+# cached on disk when Numba finds a writable cache directory, no GIL, NumPy's float
+# error model (Python's would insert a ZeroDivisionError branch into every division).
+_jit_options: dict | None = None
+
+
+def _cache_probe() -> None:
+    """A function in this package whose cache location stands for all kernels'."""
+
+
+def _disk_cache_available() -> bool:
+    from numba.core.caching import FunctionCache
+
+    try:
+        FunctionCache(_cache_probe)
+    except RuntimeError:  # no locator: read-only install, NUMBA_CACHE_DIR unwritable
+        return False
+    return True
+
+
+def __getattr__(name: str):
+    global _jit_options
+    if name != "JIT_OPTIONS":
+        raise AttributeError(name)
+    if _jit_options is None:
+        cache = _disk_cache_available()
+        if not cache:
+            warnings.warn(
+                "fastsce: no writable cache directory for compiled kernels (set NUMBA_CACHE_DIR); "
+                "kernels are compiled in memory in every process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _jit_options = {"cache": cache, "nogil": True, "error_model": "numpy"}
+    return _jit_options
 
 # How a kernel reads uint16 bits (its `half_format` argument); -1: not 16-bit.
 FLOAT16, BFLOAT16, NOT_16BIT = 0, 1, -1
@@ -160,6 +193,47 @@ if hasattr(os, "register_at_fork"):
 def serial_only() -> bool:
     """True in a process forked after GNU OpenMP started: parallel kernels would hang."""
     return _forked_after_openmp
+
+
+class _LaunchGate:
+    """Kernel launches in flight, so that ``fork()`` waits until none is running.
+
+    A child forked while another thread is inside a parallel kernel inherits the
+    threading layer's locks held and deadlocks; a fork only waits for running
+    launches to end, and new launches wait for the fork.
+    """
+
+    def __init__(self) -> None:
+        self._condition = threading.Condition()
+        self._running = 0
+
+    def __enter__(self) -> None:
+        with self._condition:
+            self._running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._condition:
+            self._running -= 1
+            self._condition.notify_all()
+
+    def before_fork(self) -> None:
+        self._condition.acquire()  # held across the fork: no launch starts
+        self._condition.wait_for(lambda: self._running == 0)
+
+    def after_fork_in_parent(self) -> None:
+        self._condition.release()
+
+    def after_fork_in_child(self) -> None:
+        self.__init__()  # the inherited lock is held by a thread that does not exist here
+
+
+launch_gate = _LaunchGate()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=launch_gate.before_fork,
+        after_in_parent=launch_gate.after_fork_in_parent,
+        after_in_child=launch_gate.after_fork_in_child,
+    )
 
 
 def kernel_lock() -> contextlib.AbstractContextManager:

@@ -56,7 +56,7 @@ class Plan:
         """
         order = self.outer_axes + self.inner_axes
         blocked = reduced.reshape(tuple(shape[a] for a in order))
-        return np.ascontiguousarray(blocked.transpose(np.argsort(order)))
+        return np.asarray(blocked.transpose(np.argsort(order)), order="C")  # keeps 0-d
 
 
 def _element_strides(array: np.ndarray) -> tuple[int, ...] | None:

@@ -24,7 +24,8 @@ chosen from the chunks of the class axis:
   chunk: ``softmax(chunk) · e^(lse_chunk − lse)`` (and the gradient from it).
 
 Any number of leading dimensions and any class ``axis`` (moved last lazily); float32
-and float64 compute in their own precision, integers and bools are promoted to float64.
+and float64 compute in their own precision, float16 and bfloat16 in float32 (results
+rounded once to 16 bits), integers and bools are promoted to float64.
 Arguments that are NumPy arrays are wrapped with the logits' row chunks. On a cluster,
 the workers need fastsce installed (``pip install "fastsce[dask]"``); each worker
 compiles the kernels or loads them from its on-disk cache on its first task.
@@ -110,6 +111,11 @@ def _row_starts(x: da.Array) -> list[Any]:
     return pairs
 
 
+def _work_dtype(dtype: np.dtype) -> np.dtype:
+    """The precision fastsce computes in: float32 for 16-bit data (float16, bfloat16)."""
+    return np.dtype(np.float32) if dtype.itemsize == 2 else dtype
+
+
 def _empty(ndim: int, dtype: Any) -> np.ndarray:
     return np.empty((0,) * ndim, dtype)
 
@@ -117,8 +123,8 @@ def _empty(ndim: int, dtype: Any) -> np.ndarray:
 # ------------------------------------------------------------ phase 1: parts ----
 def _chunk_lse(block: np.ndarray) -> np.ndarray:
     """Per-row logsumexp of one class chunk, in float64: the chunk's online-softmax pair
-    (m, Σ) written as m + log Σ. Give float32 chunks upcast, so that the pair keeps every
-    bit (phase 2 rescales by ``e^(lse_chunk − lse)``, where float32 would lose digits)."""
+    (m, Σ) written as m + log Σ. Callers pass the chunk upcast to float64: phase 2
+    rescales by ``e^(lse_chunk − lse)``, where a float32 log-sum would lose digits."""
     if block.shape[-1] == 0:
         return np.full(block.shape[:-1], -np.inf)
     return np.asarray(_np_logsumexp(block, axis=-1), dtype=_F64)
@@ -139,8 +145,16 @@ def _merge_parts(parts: np.ndarray, axis: Any, keepdims: bool) -> np.ndarray:
 
 def _merge(parts: da.Array) -> da.Array:
     """Rows' statistics from the per-chunk ones: a tree reduction over the chunk axis."""
-    return da.reduction(parts, _merge_parts, _merge_parts, combine=_merge_parts, axis=parts.ndim - 2,
-                        dtype=_F64, concatenate=True, meta=_empty(parts.ndim - 1, _F64))
+    return da.reduction(
+        parts,
+        _merge_parts,
+        _merge_parts,
+        combine=_merge_parts,
+        axis=parts.ndim - 2,
+        dtype=_F64,
+        concatenate=True,
+        meta=_empty(parts.ndim - 1, _F64),
+    )
 
 
 def _chunk_lse_part(block: np.ndarray) -> np.ndarray:
@@ -150,13 +164,15 @@ def _chunk_lse_part(block: np.ndarray) -> np.ndarray:
 def _lse_parts(x: da.Array) -> da.Array:
     """Phase 1 of the softmax family: ``(*rows, n_chunks, 1)`` per-chunk log-sums."""
     chunks = x.chunks[:-1] + ((1,) * x.numblocks[-1], (1,))
-    return x.map_blocks(_chunk_lse_part, chunks=chunks, new_axis=x.ndim,
-                        dtype=_F64, meta=_empty(x.ndim + 1, _F64))
+    return x.map_blocks(
+        _chunk_lse_part, chunks=chunks, new_axis=x.ndim, dtype=_F64, meta=_empty(x.ndim + 1, _F64)
+    )
 
 
 def _global_softmax(block: np.ndarray, part_lse: np.ndarray, lse: np.ndarray) -> np.ndarray:
-    """``exp(x - lse)`` of one class chunk, as ``softmax(chunk) · e^(lse_chunk − lse)``."""
-    s = _np_softmax(block, axis=-1)
+    """``exp(x - lse)`` of one class chunk, as ``softmax(chunk) · e^(lse_chunk − lse)``,
+    in float32 for 16-bit chunks (the caller rounds once to 16 bits)."""
+    s = _np_softmax(block, axis=-1, dtype=_work_dtype(block.dtype))
     with np.errstate(invalid="ignore", over="ignore"):
         factor = np.exp(part_lse - lse)
     np.multiply(s, factor[..., None], out=s, casting="same_kind")
@@ -172,24 +188,39 @@ def _phase2(func: Any, x: da.Array, parts: da.Array, rows: da.Array, *extra: Any
     along the chunk axis, so block indices (not chunk sizes) pair them with ``x``.
     """
     lead = _lead(x)
-    return da.blockwise(func, lead + "z", x, lead + "z", _class_starts(x), "z", parts, lead + "zk",
-                        rows, lead + "k", *extra, dtype=dtype, align_arrays=False, concatenate=True,
-                        meta=_empty(x.ndim, dtype), **kwargs)
+    return da.blockwise(
+        func,
+        lead + "z",
+        x,
+        lead + "z",
+        _class_starts(x),
+        "z",
+        parts,
+        lead + "zk",
+        rows,
+        lead + "k",
+        *extra,
+        dtype=dtype,
+        align_arrays=False,
+        concatenate=True,
+        meta=_empty(x.ndim, dtype),
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------ softmax family ----
 def _softmax_chunk(block, start, part, rows):
-    return _global_softmax(block, part[..., 0, 0], rows[..., 0])
+    return _global_softmax(block, part[..., 0, 0], rows[..., 0]).astype(block.dtype, copy=False)
 
 
 def _log_softmax_chunk(block, start, part, rows):
     lse, part_lse = rows[..., 0], part[..., 0, 0]
-    out = _np_log_softmax(block, axis=-1)
+    out = _np_log_softmax(block, axis=-1, dtype=_work_dtype(block.dtype))
     with np.errstate(invalid="ignore"):
         np.add(out, (part_lse - lse)[..., None], out=out, casting="same_kind")
     out[(part_lse == -np.inf) & np.isfinite(lse)] = -np.inf  # an all -inf chunk in a finite row
     out[~np.isfinite(lse)] = np.nan
-    return out
+    return out.astype(block.dtype, copy=False)
 
 
 def softmax(x: ArrayLike, axis: int = -1) -> da.Array:
@@ -256,8 +287,10 @@ def _check_targets(t: np.ndarray, n_classes: int, ignore_index: int, offset: tup
     if bad.any():
         where = np.unravel_index(int(np.argmax(bad)), t.shape)
         at = ", ".join(str(int(o + i)) for o, i in zip(offset, where))
-        raise ValueError(f"target[{at}] = {t[where]} is not a class index in "
-                         f"[0, {n_classes}) nor ignore_index ({ignore_index})")
+        raise ValueError(
+            f"target[{at}] = {t[where]} is not a class index in "
+            f"[0, {n_classes}) nor ignore_index ({ignore_index})"
+        )
     return t
 
 
@@ -271,8 +304,9 @@ def _count_block(t, *, weight, ignore_index, n_classes, block_info=None):
     return np.array([total, n]).reshape((1,) * t.ndim + (2,))
 
 
-def _denominators(target: da.Array, soft: bool, weight, ignore_index: int, n_classes: int,
-                  reduction: str) -> da.Array:
+def _denominators(
+    target: da.Array, soft: bool, weight, ignore_index: int, n_classes: int, reduction: str
+) -> da.Array:
     """The "mean" denominators ``[cross-entropy, z-loss]`` as a (2,) dask array.
 
     From the targets alone (no logits), so that gradients can be scaled block by block.
@@ -284,8 +318,16 @@ def _denominators(target: da.Array, soft: bool, weight, ignore_index: int, n_cla
         n_rows = float(math.prod(target.shape[:-1]))
         return da.from_array(np.array([n_rows, n_rows]), chunks=2)
     chunks = tuple((1,) * n for n in target.numblocks) + ((2,),)
-    counts = target.map_blocks(_count_block, weight=weight, ignore_index=ignore_index, n_classes=n_classes,
-                               chunks=chunks, new_axis=target.ndim, dtype=_F64, meta=_empty(target.ndim + 1, _F64))
+    counts = target.map_blocks(
+        _count_block,
+        weight=weight,
+        ignore_index=ignore_index,
+        n_classes=n_classes,
+        chunks=chunks,
+        new_axis=target.ndim,
+        dtype=_F64,
+        meta=_empty(target.ndim + 1, _F64),
+    )
     return counts.sum(axis=tuple(range(target.ndim)))
 
 
@@ -303,18 +345,22 @@ class _Problem:
         target = da.asarray(target)
         self.soft = target.dtype.kind == "f"
         if target.dtype.kind not in "fiu":
-            raise TypeError(f"target must hold integer class indices or float class probabilities, "
-                            f"got dtype {target.dtype}")
+            raise TypeError(
+                f"target must hold integer class indices or float class probabilities, "
+                f"got dtype {target.dtype}"
+            )
         if self.soft:
-            target = target.astype(self.x.dtype) if target.dtype != self.x.dtype else target
+            target = target if target.dtype == self.x.dtype else target.astype(_work_dtype(self.x.dtype))
             if target.ndim and self.axis != target.ndim - 1:
                 target = da.moveaxis(target, self.axis, -1)
             shape = self.x.shape[1:] if self.added else self.x.shape
         else:
             shape = self.x.shape[1:-1] if self.added else self.x.shape[:-1]
         if target.shape != shape:
-            raise ValueError(f"target must have shape {shape} for logits of shape {self.x.shape} along axis "
-                             f"{self.axis}, got {target.shape}")
+            raise ValueError(
+                f"target must have shape {shape} for logits of shape {self.x.shape} along axis "
+                f"{self.axis}, got {target.shape}"
+            )
         target = target[None] if self.added else target
         self.target = target.rechunk(self.x.chunks if self.soft else self.x.chunks[:-1])
         self.n_classes = self.x.shape[-1]
@@ -322,14 +368,20 @@ class _Problem:
         if weight is not None:
             w = np.asarray(weight, dtype=np.float64)
             if w.shape != (self.n_classes,):
-                raise ValueError(f"weight must be 1-D with one entry per class ({self.n_classes}), got {w.shape}")
+                raise ValueError(
+                    f"weight must be 1-D with one entry per class ({self.n_classes}), got {w.shape}"
+                )
             self.weight = w
         self.ignore_index = operator.index(ignore_index)
         self.reduction, self.label_smoothing, self.z_loss = reduction, float(label_smoothing), float(z_loss)
 
     @property
     def options(self) -> dict[str, Any]:
-        return dict(weight=self.weight, ignore_index=self.ignore_index, label_smoothing=self.label_smoothing)
+        return {
+            "weight": self.weight,
+            "ignore_index": self.ignore_index,
+            "label_smoothing": self.label_smoothing,
+        }
 
     def grad_output(self, grad_output: Any) -> tuple[Any, str]:
         """``grad_output`` as a blockwise argument: a per-row array or a 0-d one."""
@@ -337,7 +389,9 @@ class _Problem:
         if g.ndim == 0:
             return g, ""
         if self.reduction != "none":
-            raise ValueError(f"grad_output must be a scalar for reduction={self.reduction!r}, got shape {g.shape}")
+            raise ValueError(
+                f"grad_output must be a scalar for reduction={self.reduction!r}, got shape {g.shape}"
+            )
         g = g[None] if self.added else g
         return _like_rows(g, self.x, "grad_output"), _lead(self.x)
 
@@ -386,22 +440,61 @@ def _rows_path(p: _Problem, grad_output: Any, with_grad: bool):
     g, g_index = p.grad_output(grad_output if with_grad else 1.0)
     t_index = lead + ("z" if p.soft else "")
     results = da.blockwise(
-        _rows_block, lead + "z", x, lead + "z", p.target, t_index, g, g_index, denominators, "q", *_row_starts(x),
-        options=p.options, reduction=p.reduction, z_loss=p.z_loss, with_grad=with_grad,
-        align_arrays=False, concatenate=True, meta=_empty(x.ndim, x.dtype), dtype=x.dtype,
+        _rows_block,
+        lead + "z",
+        x,
+        lead + "z",
+        p.target,
+        t_index,
+        g,
+        g_index,
+        denominators,
+        "q",
+        *_row_starts(x),
+        options=p.options,
+        reduction=p.reduction,
+        z_loss=p.z_loss,
+        with_grad=with_grad,
+        align_arrays=False,
+        concatenate=True,
+        meta=_empty(x.ndim, x.dtype),
+        dtype=x.dtype,
     )
     adjust = None if p.reduction == "none" else {c: 1 for c in lead}
     loss_dtype = x.dtype if p.reduction == "none" else _F64
-    parts = da.blockwise(_loss_part, lead, results, lead + "z", reduction=p.reduction, ndim=len(lead),
-                         adjust_chunks=adjust, concatenate=False, dtype=loss_dtype, meta=_empty(len(lead), loss_dtype))
+    parts = da.blockwise(
+        _loss_part,
+        lead,
+        results,
+        lead + "z",
+        reduction=p.reduction,
+        ndim=len(lead),
+        adjust_chunks=adjust,
+        concatenate=False,
+        dtype=loss_dtype,
+        meta=_empty(len(lead), loss_dtype),
+    )
     if p.reduction == "none":
         loss = parts
     elif p.reduction == "sum":
         loss = parts.sum()
     else:
-        loss = da.blockwise(_finish_mean, "", parts.sum(), "", denominators, "q", concatenate=True, dtype=_F64,
-                            meta=_empty(0, _F64))
-    grad = results.map_blocks(operator.itemgetter(1), dtype=x.dtype, meta=_empty(x.ndim, x.dtype)) if with_grad else None
+        loss = da.blockwise(
+            _finish_mean,
+            "",
+            parts.sum(),
+            "",
+            denominators,
+            "q",
+            concatenate=True,
+            dtype=_F64,
+            meta=_empty(0, _F64),
+        )
+    grad = (
+        results.map_blocks(operator.itemgetter(1), dtype=x.dtype, meta=_empty(x.ndim, x.dtype))
+        if with_grad
+        else None
+    )
     return loss, grad
 
 
@@ -460,8 +553,23 @@ def _xent_rows(rows, target=None, *, weight, ignore_index, label_smoothing, soft
     return out
 
 
-def _xent_grad_chunk(block, start, part, rows, target, grad_output, denominators, *starts, weight, ignore_index,
-                     label_smoothing, z_loss, reduction, soft, n_classes):
+def _xent_grad_chunk(
+    block,
+    start,
+    part,
+    rows,
+    target,
+    grad_output,
+    denominators,
+    *starts,
+    weight,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    reduction,
+    soft,
+    n_classes,
+):
     """Phase 2: the gradient of one class chunk, ``coef·s − (target terms)``, per row scaled."""
     lse = rows[..., 0]
     s = _global_softmax(block, part[..., 0, 0], lse)
@@ -484,7 +592,7 @@ def _xent_grad_chunk(block, start, part, rows, target, grad_output, denominators
             np.multiply(s, coef[..., None], out=s, casting="same_kind")
             y = (1.0 - eps) * target.astype(np.float64) + eps / n_classes
             s -= a[..., None] * w * y
-            return s
+            return s.astype(block.dtype, copy=False)
         t = _check_targets(target, n_classes, ignore_index, tuple(int(v[0]) for v in starts))
         counted = t != ignore_index
         safe = np.where(counted, t, 0)
@@ -498,13 +606,15 @@ def _xent_grad_chunk(block, start, part, rows, target, grad_output, denominators
         hit = np.nonzero(inside)
         s[hit + (t[hit] - start,)] -= (a * (1.0 - eps) * w_t)[hit]
     s[~counted] = 0.0
-    return s
+    return s.astype(block.dtype, copy=False)
 
 
 def _mean_from_sums(sums: np.ndarray, *, z_loss: float) -> np.ndarray:
     """The "mean" loss from ``[Σ cross-entropy, Σ lse², Σ weight[t], counted rows]``."""
     ce_total, z_total, weight_total, count = (float(v) for v in sums)
-    return np.asarray(_safe_mean(ce_total, weight_total) + (z_loss * _safe_mean(z_total, count) if z_loss else 0.0))
+    return np.asarray(
+        _safe_mean(ce_total, weight_total) + (z_loss * _safe_mean(z_total, count) if z_loss else 0.0)
+    )
 
 
 def _finish_mean(total: np.ndarray, denominators: np.ndarray) -> np.ndarray:
@@ -513,19 +623,45 @@ def _finish_mean(total: np.ndarray, denominators: np.ndarray) -> np.ndarray:
 
 def _classes_path(p: _Problem, grad_output: Any, with_grad: bool):
     x, lead = p.x, _lead(p.x)
-    common = dict(weight=p.weight, ignore_index=p.ignore_index, label_smoothing=p.label_smoothing, soft=p.soft,
-                  n_classes=p.n_classes)
+    common = {
+        "weight": p.weight,
+        "ignore_index": p.ignore_index,
+        "label_smoothing": p.label_smoothing,
+        "soft": p.soft,
+        "n_classes": p.n_classes,
+    }
     part_chunks = x.chunks[:-1] + ((1,) * x.numblocks[-1], (3,))
     target_blocks = p.target if p.soft else p.target[..., None]
-    parts = da.map_blocks(_xent_part, x, target_blocks, chunks=part_chunks, new_axis=x.ndim, dtype=_F64,
-                          meta=_empty(x.ndim + 1, _F64), **common)
+    parts = da.map_blocks(
+        _xent_part,
+        x,
+        target_blocks,
+        chunks=part_chunks,
+        new_axis=x.ndim,
+        dtype=_F64,
+        meta=_empty(x.ndim + 1, _F64),
+        **common,
+    )
     rows = _merge(parts)
     if p.soft:
-        per_row = da.map_blocks(_xent_rows, rows, dtype=_F64, chunks=rows.chunks[:-1] + ((4,),),
-                                meta=_empty(x.ndim, _F64), **common)
+        per_row = da.map_blocks(
+            _xent_rows,
+            rows,
+            dtype=_F64,
+            chunks=rows.chunks[:-1] + ((4,),),
+            meta=_empty(x.ndim, _F64),
+            **common,
+        )
     else:
-        per_row = da.map_blocks(_xent_rows, rows, p.target[..., None], dtype=_F64,
-                                chunks=rows.chunks[:-1] + ((4,),), meta=_empty(x.ndim, _F64), **common)
+        per_row = da.map_blocks(
+            _xent_rows,
+            rows,
+            p.target[..., None],
+            dtype=_F64,
+            chunks=rows.chunks[:-1] + ((4,),),
+            meta=_empty(x.ndim, _F64),
+            **common,
+        )
     ce, z, weight_total, count = (per_row[..., k] for k in range(4))
     if p.reduction == "none":
         loss = (ce + p.z_loss * z if p.z_loss else ce).astype(x.dtype)
@@ -533,19 +669,37 @@ def _classes_path(p: _Problem, grad_output: Any, with_grad: bool):
         loss = ce.sum() + p.z_loss * z.sum() if p.z_loss else ce.sum()
     else:
         sums = da.stack([ce.sum(), z.sum(), weight_total.sum(), count.sum()])
-        loss = sums.map_blocks(_mean_from_sums, z_loss=p.z_loss, drop_axis=0, dtype=_F64, meta=_empty(0, _F64))
+        loss = sums.map_blocks(
+            _mean_from_sums, z_loss=p.z_loss, drop_axis=0, dtype=_F64, meta=_empty(0, _F64)
+        )
     if not with_grad:
         return loss, None
     denominators = _denominators(p.target, p.soft, p.weight, p.ignore_index, p.n_classes, p.reduction)
     g, g_index = p.grad_output(grad_output)
     t_index = lead + ("z" if p.soft else "")
-    grad = _phase2(_xent_grad_chunk, x, parts, rows, p.target, t_index, g, g_index, denominators, "q",
-                   *_row_starts(x), dtype=x.dtype, z_loss=p.z_loss, reduction=p.reduction, **common)
+    grad = _phase2(
+        _xent_grad_chunk,
+        x,
+        parts,
+        rows,
+        p.target,
+        t_index,
+        g,
+        g_index,
+        denominators,
+        "q",
+        *_row_starts(x),
+        dtype=x.dtype,
+        z_loss=p.z_loss,
+        reduction=p.reduction,
+        **common,
+    )
     return loss, grad
 
 
-def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
-                   grad_output, with_grad):
+def _cross_entropy(
+    logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis, grad_output, with_grad
+):
     p = _Problem(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis)
     path = _classes_path if _class_chunked(p.x) else _rows_path
     loss, grad = path(p, grad_output, with_grad)
@@ -554,8 +708,15 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
 
 
 def cross_entropy(
-    logits: ArrayLike, target: ArrayLike, *, weight: ArrayLike | None = None, ignore_index: int = -100,
-    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, axis: int = -1,
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    axis: int = -1,
 ) -> da.Array:
     """Cross-entropy of dask logits against ``target``, as :func:`fastsce.cross_entropy`.
 
@@ -576,13 +737,21 @@ def cross_entropy(
         0-d float64 for "mean" and "sum"; per-row losses in the logits' dtype for "none".
         Out-of-range class indices raise ValueError when computed.
     """
-    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
-                          1.0, with_grad=False)
+    return _cross_entropy(
+        logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis, 1.0, with_grad=False
+    )
 
 
 def cross_entropy_with_grad(
-    logits: ArrayLike, target: ArrayLike, *, weight: ArrayLike | None = None, ignore_index: int = -100,
-    reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0, axis: int = -1,
+    logits: ArrayLike,
+    target: ArrayLike,
+    *,
+    weight: ArrayLike | None = None,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    axis: int = -1,
     grad_output: Any = 1.0,
 ) -> tuple[da.Array, da.Array]:
     """Cross-entropy and its gradient with respect to dask logits, as :func:`fastsce.cross_entropy_with_grad`.
@@ -596,5 +765,15 @@ def cross_entropy_with_grad(
     (loss, grad) : tuple of dask.array.Array
         ``loss`` as :func:`cross_entropy`; ``grad`` chunked like ``logits``, in its dtype.
     """
-    return _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
-                          grad_output, with_grad=True)
+    return _cross_entropy(
+        logits,
+        target,
+        weight,
+        ignore_index,
+        reduction,
+        label_smoothing,
+        z_loss,
+        axis,
+        grad_output,
+        with_grad=True,
+    )

@@ -78,6 +78,8 @@ def _class_indices(target: np.ndarray, n_classes: int, ignore_index: int, weight
     """Check every index is in ``[0, C)`` or ``ignore_index`` (one pass over the targets,
     nothing indexed before the check) and sum the weights of the counted rows."""
     flat = np.ascontiguousarray(target, dtype=np.int64).reshape(-1)
+    if flat.size == 0:
+        return _Targets(flat, 0.0, 0)
     if target.dtype.kind == "u" and target.size and target.max() > np.iinfo(np.int64).max:
         bad = int(np.argmax(target.reshape(-1) > np.iinfo(np.int64).max))
     else:

@@ -362,8 +362,8 @@ def softmax_jacobian(x: ArrayLike, axis: int = -1) -> np.ndarray:
             f"{n_rows} x {n_classes} x {n_classes}; the limit is C <= {JACOBIAN_MAX_CLASSES} and "
             f"{JACOBIAN_MAX_ELEMENTS} elements. Use softmax_backward for vector-Jacobian products."
         )
-    s = np.moveaxis(softmax(x, axis), axis, -1)
+    s = np.moveaxis(softmax(x, axis, dtype=compute_dtype(x.dtype)), axis, -1)
     jacobian = -s[..., :, None] * s[..., None, :]
     diagonal = np.einsum("...ii->...i", jacobian)  # a writeable view of the diagonal
     diagonal += s
-    return jacobian
+    return jacobian.astype(x.dtype, copy=False)  # 16-bit: computed in float32, rounded once

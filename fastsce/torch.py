@@ -26,8 +26,10 @@ What it does, and does not do:
 * CPU tensors are shared with NumPy without copies, whatever their strides
   (``tensor.detach().numpy()``; results come back through ``torch.from_numpy``).
 * float32 and float64 compute in their own precision. float16 and bfloat16 tensors are
-  upcast to float32 (a copy), computed, and the results and gradients cast back to the
-  input's dtype, until fastsce reads 16-bit inputs natively.
+  handed over as 16-bit arrays (bfloat16 through a uint16 view as ``ml_dtypes.bfloat16``),
+  computed in float32 by the kernels and written back in 16 bits, with no copy.
+  Without ``ml_dtypes`` installed, bfloat16 tensors are upcast to float32 (a copy) and
+  the results cast back.
 * Tensors on any other device (CUDA, MPS, meta, ...) fall back to torch's own function,
   with a one-time warning per device type.
 * Backward passes are ``once_differentiable``: no double backward. Not traceable by
@@ -36,6 +38,7 @@ What it does, and does not do:
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -54,9 +57,18 @@ from .softmax import softmax_backward as _np_softmax_backward
 
 __all__ = ["CrossEntropyLoss", "cross_entropy", "log_softmax", "softmax"]
 
-_NATIVE = (torch.float32, torch.float64)
-_UPCAST = (torch.float16, torch.bfloat16)  # computed in float32 through NumPy, cast back
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _warned_devices: set[str] = set()
+
+
+@functools.cache
+def _numpy_bfloat16() -> np.dtype | None:
+    """``ml_dtypes.bfloat16`` if installed (fastsce reads it as 16 bits), else None."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 # ------------------------------------------------------------------ helpers ----
@@ -82,27 +94,34 @@ def _warn_fallback(name: str, device: torch.device, stacklevel: int = 3) -> None
 
 
 def _as_array(t: torch.Tensor) -> np.ndarray:
-    """A NumPy view of a CPU tensor (no copy, any strides); 16-bit floats upcast to float32."""
+    """A NumPy view of a CPU tensor: no copy, any strides, bfloat16 as ``ml_dtypes.bfloat16``."""
     t = t.detach()
-    if t.dtype in _UPCAST:
-        t = t.float()
+    if t.dtype == torch.bfloat16:
+        bfloat16 = _numpy_bfloat16()
+        if bfloat16 is None:
+            return t.float().numpy()  # no ml_dtypes: a float32 copy
+        return t.view(torch.int16).numpy().view(bfloat16)
     return t.numpy()
 
 
 def _as_tensor(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
     """A tensor sharing ``a``'s memory, cast to ``dtype`` only when it differs."""
+    if a.dtype.name == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16).to(dtype)
     return torch.from_numpy(a).to(dtype)
 
 
 def _check_float(t: torch.Tensor, name: str, what: str) -> None:
-    if t.dtype not in _NATIVE + _UPCAST:
+    if t.dtype not in _FLOATS:
         raise TypeError(f"fastsce.torch.{name}: {what} must be a floating-point tensor, got {t.dtype}")
 
 
 def _normalize_dim(dim: Any, ndim: int) -> int:
     rank = max(ndim, 1)
     if not -rank <= dim < rank:
-        raise IndexError(f"Dimension out of range (expected to be in range of [{-rank}, {rank - 1}], but got {dim})")
+        raise IndexError(
+            f"Dimension out of range (expected to be in range of [{-rank}, {rank - 1}], but got {dim})"
+        )
     return dim % rank
 
 
@@ -143,8 +162,15 @@ class _LogSoftmaxFunction(torch.autograd.Function):
         return _as_tensor(grad, output.dtype), None
 
 
-def _softmax_like(name: str, function: type[torch.autograd.Function], torch_function: Any,
-                  input: torch.Tensor, dim: int | None, stacklevel: int, dtype: torch.dtype | None) -> torch.Tensor:
+def _softmax_like(
+    name: str,
+    function: type[torch.autograd.Function],
+    torch_function: Any,
+    input: torch.Tensor,
+    dim: int | None,
+    stacklevel: int,
+    dtype: torch.dtype | None,
+) -> torch.Tensor:
     if dim is None:
         dim = F._get_softmax_dim(name, input.dim(), stacklevel + 1)
     device = _fallback_device(input)
@@ -160,14 +186,15 @@ def _softmax_like(name: str, function: type[torch.autograd.Function], torch_func
     return function.apply(input, dim)
 
 
-def softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+def softmax(
+    input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Softmax along ``dim``, as ``torch.nn.functional.softmax``, on fastsce's kernels.
 
     Parameters
     ----------
     input : Tensor
-        float32 / float64 (float16 / bfloat16 are computed in float32 and cast back).
+        float32, float64, float16 or bfloat16 (16-bit data are computed in float32).
     dim : int
         The class dimension. ``None`` picks it as torch's deprecated implicit rule does.
     dtype : torch.dtype, optional
@@ -181,8 +208,9 @@ def softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3,
     return _softmax_like("softmax", _SoftmaxFunction, F.softmax, input, dim, _stacklevel, dtype)
 
 
-def log_softmax(input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+def log_softmax(
+    input: torch.Tensor, dim: int | None = None, _stacklevel: int = 3, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Log-softmax along ``dim``, as ``torch.nn.functional.log_softmax``; see :func:`softmax`."""
     return _softmax_like("log_softmax", _LogSoftmaxFunction, F.log_softmax, input, dim, _stacklevel, dtype)
 
@@ -197,15 +225,28 @@ class _CrossEntropyFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, input: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None,
-                ignore_index: int, reduction: str, label_smoothing: float, dim: int) -> torch.Tensor:
+    def forward(
+        ctx: Any,
+        input: torch.Tensor,
+        target: torch.Tensor,
+        weight: torch.Tensor | None,
+        ignore_index: int,
+        reduction: str,
+        label_smoothing: float,
+        dim: int,
+    ) -> torch.Tensor:
         logits = _as_array(input)
-        options = dict(
-            weight=None if weight is None else _as_array(weight), ignore_index=ignore_index,
-            reduction=reduction, label_smoothing=label_smoothing, axis=dim,
-        )
+        options = {
+            "weight": None if weight is None else _as_array(weight),
+            "ignore_index": ignore_index,
+            "reduction": reduction,
+            "label_smoothing": label_smoothing,
+            "axis": dim,
+        }
         labels = _as_array(target)
-        loss_shape = target.shape if not target.is_floating_point() else input.shape[:dim] + input.shape[dim + 1:]
+        loss_shape = (
+            target.shape if not target.is_floating_point() else input.shape[:dim] + input.shape[dim + 1 :]
+        )
         ctx.dim, ctx.reduction, ctx.label_smoothing = dim, reduction, label_smoothing
         saved: list[torch.Tensor | None] = [None, None, None, None]
         if ctx.needs_input_grad[0]:
@@ -233,7 +274,8 @@ class _CrossEntropyFunction(torch.autograd.Function):
                 grad_input = grad * grad_output
         if input is not None:
             grad_target, grad_weight = _probability_target_grads(
-                input, target, weight, grad_output, dim, reduction, ctx.label_smoothing, ctx.needs_input_grad)
+                input, target, weight, grad_output, dim, reduction, ctx.label_smoothing, ctx.needs_input_grad
+            )
         return grad_input, grad_target, grad_weight, None, None, None, None
 
 
@@ -243,8 +285,9 @@ def _loss_tensor(loss: Any, loss_shape: torch.Size, dtype: torch.dtype) -> torch
     return torch.tensor(loss, dtype=dtype)
 
 
-def _probability_target_grads(input, target, weight, grad_output, dim, reduction, label_smoothing,
-                              needs_input_grad) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _probability_target_grads(
+    input, target, weight, grad_output, dim, reduction, label_smoothing, needs_input_grad
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """d loss / d target and d loss / d weight for class-probability targets.
 
     Per row, ``loss = -Σ_c w_c ỹ_c ls_c`` with ``ỹ = (1-ε) y + ε/C`` and ``ls`` the
@@ -252,7 +295,11 @@ def _probability_target_grads(input, target, weight, grad_output, dim, reduction
     ``grad_output`` (per row for "none") over the number of rows for "mean".
     """
     with torch.no_grad():
-        log_probs = torch.from_numpy(_np_log_softmax(_as_array(input), dim))
+        half = input.dtype in (torch.float16, torch.bfloat16)  # computed in float32
+        log_probs = _as_tensor(
+            _np_log_softmax(_as_array(input), dim, dtype=np.float32 if half else None),
+            torch.float32 if half else input.dtype,
+        )
         n_classes = input.shape[dim]
         if reduction == "none":
             scale = grad_output.to(log_probs.dtype).unsqueeze(dim)
@@ -266,7 +313,9 @@ def _probability_target_grads(input, target, weight, grad_output, dim, reduction
         if needs_input_grad[1]:
             grad_target = (-(1.0 - label_smoothing) * w * log_probs * scale).to(target.dtype)
         if needs_input_grad[2]:
-            smoothed = (1.0 - label_smoothing) * target.detach().to(log_probs.dtype) + label_smoothing / n_classes
+            smoothed = (1.0 - label_smoothing) * target.detach().to(
+                log_probs.dtype
+            ) + label_smoothing / n_classes
             other_dims = [d for d in range(input.dim()) if d != dim]
             grad_weight = (-(smoothed * log_probs * scale)).sum(dim=other_dims).to(weight.dtype)
         return grad_target, grad_weight
@@ -321,21 +370,32 @@ def cross_entropy(
     device = _fallback_device(input, target, weight)
     if device is not None:
         _warn_fallback("cross_entropy", device)
-        return F.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
-                               label_smoothing=label_smoothing)
+        return F.cross_entropy(
+            input,
+            target,
+            weight,
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+        )
     _check_float(input, "cross_entropy", "input")
     if input.dim() == 0:
         raise ValueError("fastsce.torch.cross_entropy: input must have at least one dimension (the classes)")
     soft = target.is_floating_point()
     if soft and ignore_index != -100:
-        raise ValueError("fastsce.torch.cross_entropy: ignore_index is not supported for floating point "
-                         "(class-probability) targets, as in torch")
+        raise ValueError(
+            "fastsce.torch.cross_entropy: ignore_index is not supported for floating point "
+            "(class-probability) targets, as in torch"
+        )
     if weight is not None and weight.requires_grad and not soft:
-        raise RuntimeError("fastsce.torch.cross_entropy is not differentiable with respect to 'weight' for "
-                           "class-index targets (neither is torch's); detach the weight")
+        raise RuntimeError(
+            "fastsce.torch.cross_entropy is not differentiable with respect to 'weight' for "
+            "class-index targets (neither is torch's); detach the weight"
+        )
     dim = 0 if input.dim() == 1 else 1
     wants_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, target, weight))
+        t is not None and t.requires_grad for t in (input, target, weight)
+    )
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), dim)
     if wants_grad:
         return _CrossEntropyFunction.apply(*args)
@@ -353,5 +413,11 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                             reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return cross_entropy(
+            input,
+            target,
+            weight=self.weight,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            label_smoothing=self.label_smoothing,
+        )

@@ -6,7 +6,7 @@ from typing import Any
 
 import numba
 
-from .._config import kernel_lock, serial_only
+from .._config import kernel_lock, launch_gate, serial_only
 
 _serial_builds: dict[Any, Any] = {}
 
@@ -27,7 +27,8 @@ def _serial_build(kernel):
 
 def launch(kernel, *args):
     """Run ``kernel(*args)`` safely under the active threading layer."""
-    if serial_only():
-        return _serial_build(kernel)(*args)
-    with kernel_lock():
-        return kernel(*args)
+    with launch_gate:
+        if serial_only():
+            return _serial_build(kernel)(*args)
+        with kernel_lock():
+            return kernel(*args)
