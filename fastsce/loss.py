@@ -234,7 +234,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         grad_scale = 1.0 / ce_count if reduction == "mean" and ce_count else (math.inf if reduction == "mean" else 1.0)
         z_grad_scale = 1.0 / z_count if reduction == "mean" and z_count else 1.0
         factors = _in_plan_order(grad_factors, plan, work_axis) if with_grad and grad_factors.size > 1 else (
-            grad_factors if with_grad else np.ones(1))
+            grad_factors.reshape(-1) if with_grad else np.ones(1))
         if soft:
             y_op = plan.operands[1]
             _launch("soft_xent_rows", *common, y_op.buffer, y_op.start, y_op.outer_stride, n_rows, n_classes,
