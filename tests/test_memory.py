@@ -184,7 +184,6 @@ def measurements():
     return results
 
 
-@pytest.mark.skipif(sys.platform == "win32", reason="RSS measurement needs /proc or getrusage")
 # Known gap, kept visible: cross-entropy has row kernels only, so logits whose classes
 # are not contiguous (Fortran order) are copied with the classes last first.
 COPIES_LOGITS = {"cross_entropy loss-only Fortran-order", "cross_entropy_with_grad inplace=True Fortran-order"}
@@ -202,6 +201,7 @@ COPIES_LOGITS = {"cross_entropy loss-only Fortran-order", "cross_entropy_with_gr
         for c in CASES
     ],
 )
+@pytest.mark.skipif(sys.platform == "win32", reason="RSS measurement needs /proc or getrusage")
 def test_peak_memory(measurements, case):
     """Peak RSS during the call, over the RSS just before it (input allocated, kernels
     compiled): at most ``arrays`` logits-sized arrays (the output) plus 60 MB."""
