@@ -1367,6 +1367,7 @@ def huge_results():
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     )
+    env.pop("NUMBA_DISABLE_JIT", None)  # 2**31 elements need the compiled kernels
     try:
         proc = subprocess.run(
             [sys.executable, "-c", "from tests.test_bad_input import _huge_main; _huge_main()"],

@@ -154,6 +154,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
     env = dict(
         os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     )
+    env.pop("NUMBA_DISABLE_JIT", None)  # the compiled kernels' memory, also when the suite runs without JIT
     try:
         return subprocess.run(
             [sys.executable, "-c", *args],
