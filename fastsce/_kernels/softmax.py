@@ -133,13 +133,20 @@ def log_softmax_backward_inplace(grad, log_prob, grad_sum):
         grad[j] = grad[j] - exp(log_prob[j]) * grad_sum
 
 
+@numba.njit(**JIT_OPTIONS)
+def lse_from_total(m, total):
+    """``m + log(total)`` as float64, where ``total = Σ exp(row - m)`` and ``m`` the row max.
+
+    As torch: a ``+inf`` max gives ``+inf`` and an all ``-inf`` row ``-inf`` (``total`` is
+    NaN for both); NaN stays NaN.
+    """
+    return np.float64(m) if math.isinf(m) else m + math.log(np.float64(total))
+
+
 @reduction
 def logsumexp_from_max(row, m):
-    """``log Σ exp(row)`` as float64 given ``m = row_max(row)``. As torch: a ``+inf``
-    entry gives ``+inf``, all ``-inf`` gives ``-inf``, NaN gives NaN."""
-    if math.isinf(m):
-        return np.float64(m)
-    return m + math.log(row_sum_exp(row, m))
+    """``log Σ exp(row)`` as float64 given ``m = row_max(row)``; see :func:`lse_from_total`."""
+    return lse_from_total(m, row_sum_exp(row, m))
 
 
 @reduction
@@ -373,8 +380,7 @@ def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
         exp_shifted_inplace(scratch, shift)
         rows_sum(scratch, n_cols, sums)
         for r in range(hi - lo):
-            m = maxima[r]
-            out[lo + r] = m if math.isinf(m) else m + math.log(np.float64(sums[r]))  # as logsumexp_from_max
+            out[lo + r] = lse_from_total(maxima[r], sums[r])
 
 
 # ------------------------------------------------------------- column primitives ----
@@ -539,7 +545,7 @@ def logsumexp_columns(x, x_start, x_os, x_cs, out, n_outer, n_classes, n_inner, 
         columns_sum_exp(x, xb, x_cs, n_classes, m, total)
         dst = out[o * n_inner + j0 : o * n_inner + j0 + width]
         for j in range(width):  # infinities as logsumexp_from_max
-            dst[j] = m[j] if math.isinf(m[j]) else m[j] + math.log(total[j])
+            dst[j] = lse_from_total(m[j], total[j])
 
 
 @parallel

@@ -22,7 +22,6 @@ in float64 in row order and the chunk sums are added in order by the caller, so
 
 from __future__ import annotations
 
-import math
 
 import numba
 import numpy as np
@@ -32,6 +31,7 @@ from .softmax import (
     exp_inplace,
     exp_shifted_inplace,
     logsumexp_from_max,
+    lse_from_total,
     multiply_elementwise,
     parallel,
     reduction,
@@ -118,12 +118,6 @@ def first_argmax(row, m):
     return 0
 
 
-
-
-@reduction
-def lse_from_total(m, total):
-    """``m + log(total)``, with ``±inf`` for an infinite max (as logsumexp_from_max)."""
-    return np.float64(m) if math.isinf(m) else m + math.log(total)
 
 
 @elementwise
@@ -325,7 +319,7 @@ def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, in_place
             i = lo + r
             t = target[i]
             m = maxima[r]
-            lse = np.float64(m) if math.isinf(m) else m + math.log(np.float64(sums[r]))
+            lse = lse_from_total(m, sums[r])
             loss = 0.0
             if t != ignore_index:
                 w_t = np.float64(weight[t])
