@@ -65,6 +65,11 @@ SMALL_CLASSES = 64
 # float64 additions (and so "mean"/"sum" to the last bit) does not depend on threads.
 CHUNK_ROWS = 256
 
+# Outputs at least this big are written around the caches (non-temporal stores): they
+# would be evicted before reuse anyway, and streaming saves the read that fills each
+# cache line before it is written. Smaller outputs stay in cache for the caller.
+STREAM_MIN_BYTES = 16 * 2**20
+
 __all__ = ["ELEMENTWISE_FASTMATH", "FASTMATH", "JIT_OPTIONS", "get_num_threads", "set_num_threads", "threads"]
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._config import CHUNK_ROWS, SMALL_CLASSES
-from ._layout import Plan, aligned_copy, plan_layout, require_plan
+from ._config import CHUNK_ROWS, NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES
+from ._layout import Operand, Plan, aligned_copy, plan_layout, require_plan
 from ._validation import (
     as_float_array,
     check_out,
@@ -22,10 +22,14 @@ from ._validation import (
     readonly_view,
     result_dtype,
 )
+from .softmax import _column_block
 
 __all__ = ["cross_entropy", "cross_entropy_with_grad", "nll_loss"]
 
 REDUCTIONS = ("mean", "sum", "none")
+# Column kernels sum the loss per tile, so tiles are cut as for this many threads
+# whatever the actual count: "mean"/"sum" must not depend on the threads.
+_TILE_THREADS = 16
 
 
 def _launch(name: str, *args: Any) -> Any:
@@ -138,11 +142,6 @@ def _mean(total: float, count: float) -> float:
 
 
 # ---------------------------------------------------------------------- driver ----
-def _rows_plan(arrays: list[np.ndarray], axis: int) -> Plan | None:
-    plan = plan_layout(arrays, axis)
-    return plan if plan is not None and plan.is_rows else None
-
-
 def _back_to_back_few_classes(plan: Plan) -> bool:
     """Rows of few classes with no gaps between them: the row-block kernel applies."""
     return plan.n_classes < SMALL_CLASSES and all(
@@ -150,11 +149,17 @@ def _back_to_back_few_classes(plan: Plan) -> bool:
 
 
 def _in_plan_order(values: np.ndarray, plan: Plan, axis: int) -> np.ndarray:
-    """Per-row values (shaped like logits without ``axis``) in the plan's row order."""
-    order = tuple(a if a < axis else a - 1 for a in plan.outer_axes)
+    """Per-row values (shaped like logits without ``axis``) in the plan's row order
+    (outer, then inner: column ``j`` of outer index ``o`` is row ``o·n_inner + j``)."""
+    order = tuple(a if a < axis else a - 1 for a in plan.outer_axes + plan.inner_axes)
     if order == tuple(sorted(order)):
         return values.reshape(-1)
     return np.ascontiguousarray(values.transpose(order)).reshape(-1)
+
+
+def _column_args(op: Operand) -> tuple[np.ndarray, int, int, int]:
+    """An operand as a column kernel takes it: buffer, start, outer and class strides."""
+    return op.buffer, op.start, op.outer_stride, op.class_stride
 
 
 def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss, axis,
@@ -198,7 +203,8 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         grad_target = grad
         if not _same_start(grad, logits) and np.may_share_memory(grad, logits):
             grad_target = np.empty_like(logits)  # `out` overlaps the logits without being them
-    # Rows in memory order; otherwise work on C-ordered copies with the classes last.
+    # The arrays as they are (row or column kernels); C-ordered copies with the classes
+    # last only when no common layout exists.
     work_axis, work_logits, work_grad = axis, logits, grad_target
     work_probs = probs if soft else None
     half_format = kernel_view(logits)[1]
@@ -207,8 +213,9 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         arrays = [work_logits] + ([work_probs] if soft else [])
         return [readonly_view(kernel_view(a)[0]) for a in arrays] + ([kernel_view(work_grad)[0]] if with_grad else [])
 
-    plan = _rows_plan(kernel_operands(), axis) if n_rows and n_classes else None
-    copied = plan is None and n_rows > 0 and n_classes > 0
+    plan = plan_layout(kernel_operands(), axis) if n_rows and n_classes else None
+    # The column kernels compute in float32/float64 only: 16-bit logits off the rows are copied (in 16 bits).
+    copied = n_rows > 0 and n_classes > 0 and (plan is None or (half_format != NOT_16BIT and not plan.is_rows))
     if copied:
         work_axis = logits.ndim - 1
         work_logits = aligned_copy(np.moveaxis(logits, axis, -1))
@@ -219,40 +226,51 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     row_loss = np.empty(n_rows if reduction == "none" else 0, np.float64)
     row_lse = np.empty(n_rows if return_lse else 0, np.float64)
     row_argmax = np.empty(n_rows if return_argmax else 0, np.int64)
-    n_chunks = _chunk_count(n_rows) if n_rows else 0
+    # Loss sums per chunk: CHUNK_ROWS rows (row kernels) or one tile (column kernels).
+    if plan is None:
+        n_chunks = 0
+    elif plan.is_rows:
+        n_chunks = _chunk_count(n_rows)
+    else:
+        block = _column_block(plan, plan.operands[0].buffer.itemsize, n_threads=_TILE_THREADS)
+        n_chunks = plan.n_outer * -(-plan.n_inner // block)
     chunk_loss = np.zeros(n_chunks, np.float64)
     chunk_z = np.zeros(n_chunks, np.float64)
     if plan is not None:
         x_op = plan.operands[0]
-        if with_grad:
-            g_op = plan.operands[-1]
-            grad_args = (g_op.buffer, g_op.start, g_op.outer_stride)
-        else:  # a writeable placeholder keeps one compiled signature per dtype
-            grad_args = (np.empty(0, kernel_view(work_logits)[0].dtype), 0, 0)
-        common = (x_op.buffer, x_op.start, x_op.outer_stride, *grad_args)
+        # a writeable placeholder without a gradient keeps one compiled signature per dtype
+        g_op = plan.operands[-1] if with_grad else Operand(np.empty(0, kernel_view(work_logits)[0].dtype), 0, 0, 0)
         in_place = with_grad and _same_start(work_grad, work_logits)
+        stream = with_grad and g_op.buffer.nbytes >= STREAM_MIN_BYTES
         grad_scale = 1.0 / ce_count if reduction == "mean" and ce_count else (math.inf if reduction == "mean" else 1.0)
         z_grad_scale = 1.0 / z_count if reduction == "mean" and z_count else 1.0
         factors = _in_plan_order(grad_factors, plan, work_axis) if with_grad and grad_factors.size > 1 else (
             grad_factors.reshape(-1) if with_grad else np.ones(1))
-        if soft:
-            y_op = plan.operands[1]
-            _launch("soft_xent_rows", *common, y_op.buffer, y_op.start, y_op.outer_stride, n_rows, n_classes,
-                                      in_place, with_grad, weights, float(label_smoothing), float(z_loss),
-                                      grad_scale, z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse,
-                                      row_argmax, half_format)
-        else:
-            target_rows = _in_plan_order(targets.flat.reshape(loss_shape), plan, work_axis)
-            if _back_to_back_few_classes(plan):
-                x_start, g_start = common[1], common[4]
-                common = (common[0], x_start, common[3], g_start)
-                kernel = "hard_xent_row_blocks"
+        target_rows = None if soft else _in_plan_order(targets.flat.reshape(loss_shape), plan, work_axis)
+        smoothing_z = (float(label_smoothing), float(z_loss))
+        outputs = (grad_scale, z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse, row_argmax)
+        if not plan.is_rows:  # classes strided: tiles of columns, float32/float64
+            columns = (*_column_args(x_op), *_column_args(g_op))
+            shape = (plan.n_outer, n_classes, plan.n_inner, block, in_place, with_grad)
+            if soft:
+                _launch("soft_xent_columns", *columns, *_column_args(plan.operands[1]), *shape, weights,
+                        *smoothing_z, *outputs)
             else:
-                kernel = "hard_xent_rows"
-            _launch(kernel, *common, n_rows, n_classes, in_place, with_grad, target_rows, ignore_index,
-                                      weights, weight_sum, float(label_smoothing), float(z_loss), grad_scale,
-                                      z_grad_scale, factors, chunk_loss, chunk_z, row_loss, row_lse, row_argmax,
-                                      half_format)
+                _launch("hard_xent_columns", *columns, *shape, target_rows, ignore_index, weights, weight_sum,
+                        *smoothing_z, *outputs)
+        elif soft:
+            y_op = plan.operands[1]
+            _launch("soft_xent_rows", x_op.buffer, x_op.start, x_op.outer_stride, g_op.buffer, g_op.start,
+                    g_op.outer_stride, y_op.buffer, y_op.start, y_op.outer_stride, n_rows, n_classes, with_grad,
+                    weights, *smoothing_z, *outputs, half_format, stream)
+        elif _back_to_back_few_classes(plan):
+            _launch("hard_xent_row_blocks", x_op.buffer, x_op.start, g_op.buffer, g_op.start, n_rows, n_classes,
+                    in_place, with_grad, target_rows, ignore_index, weights, weight_sum, *smoothing_z, *outputs,
+                    half_format)
+        else:
+            _launch("hard_xent_rows", x_op.buffer, x_op.start, x_op.outer_stride, g_op.buffer, g_op.start,
+                    g_op.outer_stride, n_rows, n_classes, with_grad, target_rows, ignore_index, weights, weight_sum,
+                    *smoothing_z, *outputs, half_format, stream)
     elif with_grad and grad_target.size:
         grad_target.fill(0.0)  # no classes or no rows: nothing to differentiate
 

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
-from ._config import NOT_16BIT, SMALL_CLASSES, get_num_threads
+from ._config import NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES, get_num_threads
 from ._validation import (
     as_float_array,
     check_out,
@@ -53,10 +53,15 @@ def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
     )
 
 
-def _column_block(plan: Plan, itemsize: int) -> int:
-    """Columns per tile: the tile fits in L2, and there are tiles for every thread."""
+def _column_block(plan: Plan, itemsize: int, n_threads: int | None = None) -> int:
+    """Columns per tile: the tile fits in L2, and there are tiles for every thread.
+
+    ``n_threads`` (default: the current thread count) lets a caller whose results
+    depend on the tiling (the cross-entropy's loss chunks) cut tiles from the shape alone.
+    """
+    n_threads = get_num_threads() if n_threads is None else n_threads
     block = max(16, _TILE_BYTES // (plan.n_classes * itemsize) // 16 * 16)
-    while block > 16 and plan.n_outer * -(-plan.n_inner // block) < 4 * get_num_threads():
+    while block > 16 and plan.n_outer * -(-plan.n_inner // block) < 4 * n_threads:
         block //= 2
     return min(block, plan.n_inner)
 
@@ -120,7 +125,7 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
         _launch(f"{name}_row_blocks", source.buffer, source.start, destination.buffer, destination.start,
                 plan.n_outer, plan.n_classes, in_place, half_format)
     elif plan.is_rows:
-        _launch(f"{name}_rows", *_kernel_args(plan), in_place, half_format)
+        _launch(f"{name}_rows", *_kernel_args(plan), half_format, result.nbytes >= STREAM_MIN_BYTES)
     else:
         _launch(f"{name}_columns", *_kernel_args(plan), in_place)
     if not np.may_share_memory(target, result):

@@ -21,9 +21,31 @@ from __future__ import annotations
 
 import os
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
+
+# NUMBA_DISABLE_JIT=1 runs every kernel as plain Python (for coverage of kernel code,
+# see README "Tests"). The whole suite passes in that mode: tests of compilation, machine
+# code, timing or the threading layers of compiled code skip (``needs_jit``), and slow
+# tests keep their assertions but use smaller sizes (``jit_or_pure``).
+NO_JIT = bool(numba.config.DISABLE_JIT)
+
+
+def needs_jit(reason: str):
+    """Skip the test under NUMBA_DISABLE_JIT=1, saying why it needs compiled kernels."""
+    return pytest.mark.skipif(NO_JIT, reason=f"NUMBA_DISABLE_JIT=1: {reason}")
+
+
+needs_two_threads = pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="NUMBA_NUM_THREADS < 2")
+
+
+def jit_or_pure(compiled, pure_python):
+    """A test size: ``compiled`` normally, ``pure_python`` under NUMBA_DISABLE_JIT=1,
+    where the kernels run as Python loops (same assertions, smaller inputs)."""
+    return pure_python if NO_JIT else compiled
+
 
 # First calls compile kernels (~1-2 s each): no deadline. No example database, so a
 # test run leaves no files behind in the repository.

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 import fastsce
+from tests.conftest import needs_jit
 
 ROOT = Path(__file__).resolve().parents[1]
 # Every benchmarks/bench_<family>.py, so a new family's module is checked as it lands.
@@ -115,6 +116,7 @@ def run_once(cls, combo):
     return True
 
 
+@needs_jit("the benchmarks time compiled kernels at their real sizes (10**7 elements and up)")
 @pytest.mark.parametrize("module_name", MODULES)
 def test_each_benchmark_runs_on_its_smallest_parameters(module_name):
     module = importlib.import_module(module_name)

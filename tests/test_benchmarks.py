@@ -13,10 +13,11 @@ import pytest
 
 import fastsce
 from tests import reference
+from tests.conftest import jit_or_pure
 
 pytest.importorskip("pytest_benchmark")
 
-SHAPE = (4096, 1000)
+SHAPE = jit_or_pure((4096, 1000), (64, 1000))
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,18 @@ import textwrap
 
 import pytest
 
+from tests.conftest import needs_jit
+
+pytestmark = needs_jit("inspects the machine code of compiled kernels")
+
 # (module, function): the loops that touch every element.
 HOT_LOOPS = [
     ("rowio", "copy_max"),
     ("softmax", "exp_inplace"),
     ("softmax", "row_sum_exp"),
-    ("softmax", "scale_inplace"),
+    ("rowio", "scale_inplace"),
+    ("rowio", "copy_scaled"),
+    ("rowio", "stream_scaled"),
     ("softmax", "exp_shifted_inplace"),
 ]
 
@@ -34,6 +40,9 @@ SCRIPT = textwrap.dedent(
     fastsce.softmax(rng.standard_normal((64, 1000), dtype=np.float32))
     fastsce.log_softmax(rng.standard_normal((64, 1000), dtype=np.float32))
     fastsce.softmax(rng.standard_normal((4096, 10), dtype=np.float32))
+    fastsce.cross_entropy_with_grad(rng.standard_normal((64, 1000), dtype=np.float32), np.zeros(64, np.int64))
+    big = rng.standard_normal((5000, 1000), dtype=np.float32)  # above STREAM_MIN_BYTES
+    fastsce.softmax(big, out=big)
     packed = re.compile(r"\\bv(fmadd|fnmadd|fmsub|fnmsub)\\d+ps\\s.*%[yz]mm")
     report = {}
     for module, name in HOT_LOOPS:
@@ -45,6 +54,8 @@ SCRIPT = textwrap.dedent(
             "packed_max": len(re.findall(r"\\bvmaxps\\s.*%[yz]mm", asm)),
             "packed_any": len(re.findall(r"\\bv\\w+ps\\s.*%[yz]mm", asm)),
             "libm_exp": len(re.findall(r"\\b(expf|__expf_finite|exp)@", asm)),
+            "nontemporal": len(re.findall(r"\\bvmovntp[sd]\\s", asm)),
+            "prefetch": len(re.findall(r"\\bprefetcht0\\s", asm)),
         }
     print(json.dumps(report))
     """
@@ -72,5 +83,16 @@ def test_max_reduction_is_vectorized(codegen):
     assert codegen["copy_max"]["packed_max"] >= 1, codegen["copy_max"]
 
 
-def test_scaling_is_vectorized(codegen):
-    assert codegen["scale_inplace"]["packed_any"] >= 1, codegen["scale_inplace"]
+@pytest.mark.parametrize("name", ["scale_inplace", "copy_scaled", "stream_scaled"])
+def test_scaling_is_vectorized(codegen, name):
+    assert codegen[name]["packed_any"] >= 1, codegen[name]
+
+
+def test_streamed_rows_use_nontemporal_stores(codegen):
+    """Big outputs are written around the caches, a cache line per store pair."""
+    assert codegen["stream_scaled"]["nontemporal"] >= 1, codegen["stream_scaled"]
+
+
+@pytest.mark.parametrize("name", ["exp_inplace", "row_sum_exp"])
+def test_exp_loops_prefetch_the_next_row(codegen, name):
+    assert codegen[name]["prefetch"] >= 1, codegen[name]

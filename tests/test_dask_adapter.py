@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import fastsce
+from tests.conftest import needs_jit
 
 da = pytest.importorskip("dask.array")
 distributed = pytest.importorskip("distributed")
@@ -282,6 +283,7 @@ def test_argument_errors_are_raised_eagerly():
 
 
 # ------------------------------------------------- beyond one worker's memory ----
+@needs_jit("the point is an array (4e8 elements) larger than a worker's memory: hours as Python loops")
 def test_array_larger_than_a_worker_memory_limit(fresh_client):
     """1.6 GB of logits, generated lazily, reduced by workers limited to 1 GiB each.
 

@@ -21,6 +21,7 @@ from fastsce._math import (
     float32_to_bits,
     float64_to_bits,
 )
+from tests.conftest import needs_jit
 
 mpmath = pytest.importorskip("mpmath")
 
@@ -222,6 +223,7 @@ def test_exp32_is_monotonic_on_grid():
     assert np.all(got[1:] >= got[:-1])
 
 
+@needs_jit("checks the type Numba infers for a compiled call")
 def test_exp32_scalar_call_in_njit():
     @numba.njit
     def f(a):
@@ -436,6 +438,7 @@ def test_float64_bits_round_trip():
     assert np.array_equal(_f64_to_bits(x), x.view(np.int64)), "float64_to_bits differs from ndarray.view"
 
 
+@needs_jit("checks Numba's typing of the intrinsics (plain Python stand-ins take any type)")
 def test_bitcasts_reject_wrong_types():
     @numba.njit
     def f(v):
@@ -446,14 +449,8 @@ def test_bitcasts_reject_wrong_types():
 
 
 # ------------------------------------------------------ exp_diff: e**(x - m), x <= m ----
-# Private helpers used by the row kernels (x a logit, m its row maximum). Tested only
-# if present: the exact-difference variant is an implementation choice.
-needs_exp_diff = pytest.mark.skipif(not hasattr(_fm, "exp_diff32"), reason="no exp_diff32/exp_diff64")
-
-
-def _exp_diff_np(x, m, dtype):
-    f = _fm.exp_diff32 if dtype == np.float32 else _fm.exp_diff64
-
+# Private helpers used by the row kernels (x a logit, m its row maximum).
+def _exp_diff_np(x, m, dtype, f=_fm.exp_diff):
     @numba.njit
     def loop(x, m):
         out = np.empty_like(x)
@@ -470,7 +467,6 @@ def _x_below_m(rng, dtype, n, m_lo, m_hi, span):
     return np.minimum(x, m), m
 
 
-@needs_exp_diff
 @pytest.mark.parametrize("m_range", [(-5.0, 5.0), (-200.0, 200.0), (1e3, 1e5), (-1e5, -1e3), (1e20, 1e30)])
 def test_exp_diff32_accuracy(m_range):
     rng = np.random.default_rng(5)
@@ -484,7 +480,6 @@ def test_exp_diff32_accuracy(m_range):
     assert np.all(err[tiny] <= 1.0), _worst(x[tiny], err[tiny])
 
 
-@needs_exp_diff
 @pytest.mark.parametrize("m_range", [(-5.0, 5.0), (-700.0, 700.0), (1e5, 1e7), (-1e7, -1e5), (1e200, 1e300)])
 def test_exp_diff64_accuracy(m_range):
     rng = np.random.default_rng(6)
@@ -504,7 +499,6 @@ def test_exp_diff64_accuracy(m_range):
     assert np.all(errs <= 1.0), _worst(x[idx], errs)
 
 
-@needs_exp_diff
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
 def test_exp_diff_special_values(dtype):
     big = float(np.finfo(dtype).max)
@@ -535,3 +529,51 @@ def test_exp_diff_special_values(dtype):
             assert np.isnan(g), f"exp_diff({xi}, {mi}) = {g}, expected NaN"
         else:
             assert g == e and not np.signbit(g), f"exp_diff({xi}, {mi}) = {g}, expected {e}"
+
+
+# The row kernels use scaled exponentials, 2**EXP_SCALE_BITS * e**(x - m): exactly the
+# unscaled value times a power of two wherever that value is normal, subnormals rounded
+# once by the unscaling.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_scaled_exp_diff_is_exp_diff_times_scale(dtype):
+    rng = np.random.default_rng(11)
+    span = 110.0 if dtype == np.float32 else 760.0
+    x, m = _x_below_m(rng, dtype, 100_000, -50.0, 50.0, span)
+    scaled = _exp_diff_np(x, m, dtype, _fm.scaled_exp_diff).astype(np.float64)
+    unscaled = _exp_diff_np(x, m, dtype).astype(np.float64)
+    assert np.all(scaled >= 0.0) and np.all(np.isfinite(scaled))
+    back = (scaled * _fm.UNSCALE).astype(dtype).astype(np.float64)  # one rounding into subnormals
+    assert np.array_equal(back, unscaled)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_scaled_exp_diff_special_values(dtype):
+    x = np.array([0.0, -np.inf, np.nan, 0.0, -np.inf, np.inf], dtype)
+    m = np.array([0.0, 0.0, 0.0, np.nan, -np.inf, np.inf], dtype)
+    for f in (_fm.scaled_exp_diff, _fm.scaled_exp_diff_rounded):
+        got = _exp_diff_np(x, m, dtype, f)
+        assert got[0] == 2.0**_fm.EXP_SCALE_BITS
+        # -inf is clamped: the scaled term is tiny, and 0 once unscaled or normalized
+        assert 0.0 <= got[1] < 1e-24 and dtype(got[1] * _fm.UNSCALE) == 0.0
+        assert np.all(np.isnan(got[2:])), f.__name__
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_scaled_exp_diff_rounded_sums(dtype):
+    """The rounded-difference variant is for sums: each term is within |x - m| units of
+    roundoff (plus 1 ulp), and a row's sum stays within a few ulp of the exact one."""
+    rng = np.random.default_rng(12)
+    u = float(np.finfo(dtype).eps) / 2
+    x, m = _x_below_m(rng, dtype, 100_000, -20.0, 20.0, 60.0)
+    got = _exp_diff_np(x, m, dtype, _fm.scaled_exp_diff_rounded).astype(np.float64) * _fm.UNSCALE
+    exact = np.exp(x.astype(np.float64) - m.astype(np.float64))
+    d = np.abs(x.astype(np.float64) - m.astype(np.float64))
+    normal = exact > np.finfo(dtype).tiny
+    rel = np.abs(got - exact)[normal] / exact[normal]
+    assert np.all(rel <= (d[normal] + 2.0) * u)
+    rows = rng.normal(0.0, 8.0, (200, 1000)).astype(dtype)
+    row_max = rows.max(axis=1, keepdims=True)
+    terms = _exp_diff_np(rows, np.broadcast_to(row_max, rows.shape), dtype, _fm.scaled_exp_diff_rounded)
+    sums = terms.reshape(rows.shape).astype(np.float64).sum(axis=1) * _fm.UNSCALE
+    exact_sums = np.exp(rows.astype(np.float64) - row_max).sum(axis=1)
+    assert np.all(np.abs(sums - exact_sums) <= 2.0 * u * exact_sums)

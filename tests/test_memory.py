@@ -48,6 +48,7 @@ CASES = {
         {"reduction": "none", "return_lse": True},
         0,
     ),
+    # classes strided: the cross-entropy column kernels read the logits (or compute in them) as they are
     "cross_entropy loss-only Fortran-order": ("cross_entropy", "F", {}, 0),
     "cross_entropy_with_grad inplace=True C-order": ("cross_entropy_with_grad", "C", {"inplace": True}, 0),
     "cross_entropy_with_grad inplace=True Fortran-order": (
@@ -57,6 +58,7 @@ CASES = {
         0,
     ),
     "cross_entropy_with_grad out of place C-order": ("cross_entropy_with_grad", "C", {}, 1),
+    "cross_entropy_with_grad out of place Fortran-order": ("cross_entropy_with_grad", "F", {}, 1),
     # 16-bit data are decoded one row at a time: no float32 array of the input's size.
     "softmax float16": ("softmax", "C16", {}, 1),
     "cross_entropy loss-only float16": ("cross_entropy", "C16", {}, 0),
@@ -185,23 +187,7 @@ def measurements():
     return results
 
 
-# Known gap, kept visible: cross-entropy has row kernels only, so logits whose classes
-# are not contiguous (Fortran order) are copied with the classes last first.
-COPIES_LOGITS = {"cross_entropy loss-only Fortran-order", "cross_entropy_with_grad inplace=True Fortran-order"}
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(
-            c,
-            marks=pytest.mark.xfail(strict=True, reason="no column kernel for cross-entropy yet: the logits are copied"),
-        )
-        if c in COPIES_LOGITS
-        else c
-        for c in CASES
-    ],
-)
+@pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.skipif(sys.platform == "win32", reason="RSS measurement needs /proc or getrusage")
 def test_peak_memory(measurements, case):
     """Peak RSS during the call, over the RSS just before it (input allocated, kernels

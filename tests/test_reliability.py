@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.conftest import needs_jit
+
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ("tbb", "omp", "workqueue", "default")
 PHASES = ("threads", "fork", "pool", "fork_while_busy", "exit")
@@ -347,6 +349,7 @@ def _tbb_wheel_installed() -> bool:
         return False
 
 
+@needs_jit("the subprocesses test the threading layers of compiled kernels")
 @pytest.mark.parametrize("layer", LAYERS)
 def test_layer_is_the_one_requested_and_reported_by_info(layer_runs, layer):
     """The subprocess runs the requested layer, and ``info`` reports it. By default
@@ -365,6 +368,7 @@ def test_layer_is_the_one_requested_and_reported_by_info(layer_runs, layer):
     ]["info"]
 
 
+@needs_jit("the subprocesses test the threading layers of compiled kernels")
 def test_tbb_wheel_makes_tbb_loadable(layer_runs):
     """fastsce preloads the ``tbb`` wheel's libtbb: where the wheel is installed, TBB loads."""
     if not _tbb_wheel_installed():
@@ -373,6 +377,7 @@ def test_tbb_wheel_makes_tbb_loadable(layer_runs):
     assert start.get("layer") == "tbb", f"tbb wheel installed but the TBB layer did not load: {start}"
 
 
+@needs_jit("the subprocesses test the threading layers of compiled kernels")
 @pytest.mark.parametrize("phase", PHASES)
 @pytest.mark.parametrize("layer", LAYERS)
 def test_layer_reliability(layer_runs, layer, phase):
@@ -417,6 +422,7 @@ print("RESULTS OK")
 """
 
 
+@needs_jit("the subprocess tests the on-disk cache of compiled kernels")
 def test_read_only_install_without_any_writable_cache(tmp_path):
     """A read-only install: the package's __pycache__, NUMBA_CACHE_DIR and the user-wide
     cache (XDG_CACHE_HOME/HOME) are all unwritable. Kernels still run (compiled in
@@ -463,6 +469,7 @@ def test_read_only_install_without_any_writable_cache(tmp_path):
     assert not list((pkg / "fastsce").rglob("*.nbi")), "wrote a cache index into the read-only package"
 
 
+@needs_jit("the subprocess tests the on-disk cache of compiled kernels")
 def test_unwritable_numba_cache_dir_still_works(tmp_path):
     """NUMBA_CACHE_DIR set to a path that cannot be created: kernels still run, with at
     most one warning."""
@@ -476,6 +483,7 @@ def test_unwritable_numba_cache_dir_still_works(tmp_path):
     assert len(warnings_in(proc.stderr)) <= 1, proc.stderr
 
 
+@needs_jit("the subprocess tests the on-disk cache of compiled kernels")
 def test_numba_cache_dir_is_honoured(tmp_path):
     """With NUMBA_CACHE_DIR set, compiled kernels are cached there and ``info`` says so."""
     cache = tmp_path / "numba cache"
@@ -494,6 +502,7 @@ def test_numba_cache_dir_is_honoured(tmp_path):
     ), index
 
 
+@needs_jit("the subprocess tests the thread pool of compiled kernels")
 def test_numba_num_threads_is_honoured():
     code = """
 import numpy as np, fastsce

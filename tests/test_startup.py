@@ -18,6 +18,10 @@ import textwrap
 
 import pytest
 
+from tests.conftest import needs_jit
+
+pytestmark = needs_jit("times compilation and the on-disk cache of compiled kernels")
+
 FUNCTIONS = ["softmax", "log_softmax", "logsumexp", "softmax_backward", "log_softmax_backward",
              "cross_entropy", "cross_entropy_with_grad"]
 

@@ -28,8 +28,29 @@ import numba
 import numpy as np
 
 from .._config import ELEMENTWISE_FASTMATH, FASTMATH, JIT_OPTIONS
-from .._math import exp, exp_diff, fmaximum
-from .rowio import open_block, open_row, readable_row, row_max, store_row, work_buffer
+from .._math import (
+    CACHE_LINE_BYTES,
+    UNSCALE,
+    exp,
+    exp_diff,
+    fmaximum,
+    prefetch,
+    scaled_exp_diff,
+    scaled_exp_diff_rounded,
+    store_fence,
+)
+from .rowio import (
+    glue,
+    open_block,
+    open_row,
+    readable_row,
+    row_max,
+    row_scratch,
+    scale_inplace,
+    store_block,
+    store_row,
+    work_buffer,
+)
 
 reduction = numba.njit(fastmath=FASTMATH, **JIT_OPTIONS)
 # Elementwise loops leave out `reassoc`: `(x - m) - log_sum` must keep its order.
@@ -50,28 +71,50 @@ def copy_into(src, dst):
         dst[j] = src[j]
 
 
+@glue
+def next_row(x, x_start, x_ld, i, n_rows, n_cols):
+    """Row ``i + 1`` of ``x`` (to prefetch while row ``i`` is computed), or an empty slice."""
+    if i + 1 >= n_rows:
+        return x[:0]
+    return x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_cols]
+
+
+@numba.njit(**JIT_OPTIONS)
+def prefetch_span(ahead, lo, hi):
+    """Prefetch ``ahead[lo:hi]`` (clipped to its size), one hint per cache line."""
+    step = max(1, CACHE_LINE_BYTES // ahead.itemsize)
+    for j in range(lo, min(hi, ahead.size), step):
+        prefetch(ahead, j)
+
+
+# The exp loops below prefetch the next row (`ahead`) block by block: a row's arithmetic
+# then overlaps the next row's read from memory instead of following it (measured on
+# 65536x1000 float32: 1.7x the time of a copy without, 1.2x with).
 @reduction
-def row_sum_exp(row, shift):
-    """``Σ exp(row - shift)`` as float64."""
+def row_sum_exp(row, shift, ahead):
+    """``Σ exp(row - shift)`` as float64; prefetches ``ahead`` (see above)."""
     total = 0.0
     for start in range(0, row.size, SUM_BLOCK):
+        prefetch_span(ahead, start, start + SUM_BLOCK)
         block = row[start : start + SUM_BLOCK]
         part = row.dtype.type(0.0)
         for j in range(block.size):
-            part += exp_diff(block[j], shift)
+            part += scaled_exp_diff_rounded(block[j], shift)
         total += part
-    return total
+    return total * UNSCALE
 
 
 @reduction
-def exp_inplace(row, shift):
-    """``row = exp(row - shift)``; returns the new ``Σ row`` as float64."""
+def exp_inplace(row, shift, ahead):
+    """``row = 2**EXP_SCALE_BITS · exp(row - shift)``; returns the new ``Σ row`` (so
+    scaled too) as float64. Prefetches ``ahead``."""
     total = 0.0
     for start in range(0, row.size, SUM_BLOCK):
+        prefetch_span(ahead, start, start + SUM_BLOCK)
         block = row[start : start + SUM_BLOCK]
         part = row.dtype.type(0.0)
         for j in range(block.size):
-            e = exp_diff(block[j], shift)
+            e = scaled_exp_diff(block[j], shift)
             block[j] = e
             part += e
         total += part
@@ -106,13 +149,6 @@ def row_dot(a, b):
 
 
 @elementwise
-def scale_inplace(row, factor):
-    """``row *= factor``."""
-    for j in range(row.size):
-        row[j] = row[j] * factor
-
-
-@elementwise
 def log_softmax_inplace(row, shift, log_total):
     """``row = (row - shift) - log_total``, rounded in this order for accuracy."""
     for j in range(row.size):
@@ -133,7 +169,7 @@ def log_softmax_backward_inplace(grad, log_prob, grad_sum):
         grad[j] = grad[j] - exp(log_prob[j]) * grad_sum
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def lse_from_total(m, total):
     """``m + log(total)`` as float64, where ``total = Σ exp(row - m)`` and ``m`` the row max.
 
@@ -144,82 +180,120 @@ def lse_from_total(m, total):
 
 
 @reduction
-def logsumexp_from_max(row, m):
-    """``log Σ exp(row)`` as float64 given ``m = row_max(row)``; see :func:`lse_from_total`."""
-    return lse_from_total(m, row_sum_exp(row, m))
+def logsumexp_from_max(row, m, ahead):
+    """``log Σ exp(row)`` as float64 given ``m = row_max(row)``; see :func:`lse_from_total`.
+    Prefetches ``ahead``."""
+    return lse_from_total(m, row_sum_exp(row, m, ahead))
 
 
 @reduction
-def row_logsumexp(row):
-    """``log Σ exp(row)`` as float64; see :func:`logsumexp_from_max`."""
-    return logsumexp_from_max(row, row_max(row))
-
-
-@reduction
-def softmax_row(row, m):
-    """``row = softmax(row)`` in place, given ``m = max(row)``."""
-    total = exp_inplace(row, m)
-    scale_inplace(row, row.dtype.type(1.0 / total))
-
-
-@reduction
-def log_softmax_row(row, m):
-    """``row = log_softmax(row)`` in place, given ``m = max(row)``."""
-    log_total = row.dtype.type(math.log(row_sum_exp(row, m)))
+def log_softmax_row(row, m, ahead):
+    """``row = log_softmax(row)`` in place, given ``m = max(row)``. Prefetches ``ahead``."""
+    log_total = row.dtype.type(math.log(row_sum_exp(row, m, ahead)))
     log_softmax_inplace(row, m, log_total)
 
 
 # ------------------------------------------------------------------- row kernels ----
-@parallel
-def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_place, half_format):
-    """``out[i] = softmax(x[i])`` for each row; ``in_place``: ``out`` is ``x``.
+# Rows are split into tasks of consecutive rows; a task allocates its scratch row once.
+# `stream` (chosen by the caller for outputs bigger than the cache) computes each row in
+# that scratch and streams it out with non-temporal stores (see rowio).
+TASK_ROWS = 64
 
-    16-bit arrays arrive as uint16 bits (``half_format`` says which); see ``rowio``.
+
+MIN_TASKS = 16  # enough to balance the threads of a typical machine
+
+
+@glue
+def task_size(n_rows):
+    """Rows per task: up to TASK_ROWS, but at least MIN_TASKS tasks when there are enough
+    rows. (Independent of the thread count, which a cached kernel cannot read.)"""
+    return max(1, min(TASK_ROWS, n_rows // MIN_TASKS))
+
+
+@glue
+def task_bounds(task, n_rows, rows_per_task):
+    """Rows ``[lo, hi)`` of ``task``."""
+    lo = task * rows_per_task
+    return lo, min(lo + rows_per_task, n_rows)
+
+
+@parallel
+def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream):
+    """``out[i] = softmax(x[i])`` for each row (``out`` may be ``x``).
+
+    16-bit arrays arrive as uint16 bits (``half_format`` says which); ``stream``: write
+    around the caches. See ``rowio``.
     """
-    for i in numba.prange(n_rows):
-        dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
-        softmax_row(row, m)
-        store_row(row, dst, half_format)
+    per_task = task_size(n_rows)
+    for task in numba.prange((n_rows + per_task - 1) // per_task):
+        row = row_scratch(out, n_cols)
+        lo, hi = task_bounds(task, n_rows, per_task)
+        for i in range(lo, hi):
+            dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, half_format, row)
+            total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_cols))
+            store_row(row, dst, half_format, stream, 1.0 / total)  # the softmax's division, on the way out
+        store_fence()
 
 
 @parallel
-def log_softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, in_place, half_format):
+def log_softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream):
     """``out[i] = log_softmax(x[i])`` for each row; arguments as :func:`softmax_rows`."""
-    for i in numba.prange(n_rows):
-        dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
-        log_softmax_row(row, m)
-        store_row(row, dst, half_format)
+    per_task = task_size(n_rows)
+    for task in numba.prange((n_rows + per_task - 1) // per_task):
+        row = row_scratch(out, n_cols)
+        lo, hi = task_bounds(task, n_rows, per_task)
+        for i in range(lo, hi):
+            dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, half_format, row)
+            log_softmax_row(row, m, next_row(x, x_start, x_ld, i, n_rows, n_cols))
+            store_row(row, dst, half_format, stream)
+        store_fence()
 
 
 @parallel
 def logsumexp_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format):
     """``out[i] = log Σ_j exp(x[i, j])``, ``out`` contiguous float32/float64."""
-    for i in numba.prange(n_rows):
-        src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
-        out[i] = row_logsumexp(readable_row(src, work_buffer(x, n_cols), half_format))
+    per_task = task_size(n_rows)
+    for task in numba.prange((n_rows + per_task - 1) // per_task):
+        work = work_buffer(x, n_cols)
+        lo, hi = task_bounds(task, n_rows, per_task)
+        for i in range(lo, hi):
+            values = readable_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], work, half_format)
+            out[i] = logsumexp_from_max(values, row_max(values), next_row(x, x_start, x_ld, i, n_rows, n_cols))
 
 
 @parallel
-def softmax_backward_rows(g, g_start, g_ld, s, s_start, s_ld, out, out_start, out_ld, n_rows, n_cols, in_place,
-                          half_format):
-    """``out[i] = s[i] · (g[i] - Σ_j g[i, j] s[i, j])``; ``in_place``: ``out`` is ``g``."""
-    for i in numba.prange(n_rows):
-        prob = readable_row(s[s_start + i * s_ld : s_start + i * s_ld + n_cols], work_buffer(s, n_cols), half_format)
-        dst, row, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
-        softmax_backward_inplace(row, prob, row.dtype.type(row_dot(row, prob)))
-        store_row(row, dst, half_format)
+def softmax_backward_rows(g, g_start, g_ld, s, s_start, s_ld, out, out_start, out_ld, n_rows, n_cols,
+                          half_format, stream):
+    """``out[i] = s[i] · (g[i] - Σ_j g[i, j] s[i, j])`` (``out`` may be ``g``)."""
+    per_task = task_size(n_rows)
+    for task in numba.prange((n_rows + per_task - 1) // per_task):
+        row = row_scratch(out, n_cols)
+        prob_work = work_buffer(s, n_cols)
+        lo, hi = task_bounds(task, n_rows, per_task)
+        for i in range(lo, hi):
+            prob = readable_row(s[s_start + i * s_ld : s_start + i * s_ld + n_cols], prob_work, half_format)
+            dst, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, half_format, row)
+            softmax_backward_inplace(row, prob, row.dtype.type(row_dot(row, prob)))
+            store_row(row, dst, half_format, stream)
+        store_fence()
 
 
 @parallel
 def log_softmax_backward_rows(g, g_start, g_ld, ls, ls_start, ls_ld, out, out_start, out_ld, n_rows, n_cols,
-                              in_place, half_format):
-    """``out[i] = g[i] - exp(ls[i]) · Σ_j g[i, j]``; ``in_place``: ``out`` is ``g``."""
-    for i in numba.prange(n_rows):
-        log_prob = readable_row(ls[ls_start + i * ls_ld : ls_start + i * ls_ld + n_cols], work_buffer(ls, n_cols),
-                                half_format)
-        dst, row, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, in_place, half_format)
-        log_softmax_backward_inplace(row, log_prob, row.dtype.type(row_sum(row)))
-        store_row(row, dst, half_format)
+                              half_format, stream):
+    """``out[i] = g[i] - exp(ls[i]) · Σ_j g[i, j]`` (``out`` may be ``g``)."""
+    per_task = task_size(n_rows)
+    for task in numba.prange((n_rows + per_task - 1) // per_task):
+        row = row_scratch(out, n_cols)
+        log_prob_work = work_buffer(ls, n_cols)
+        lo, hi = task_bounds(task, n_rows, per_task)
+        for i in range(lo, hi):
+            log_prob = readable_row(ls[ls_start + i * ls_ld : ls_start + i * ls_ld + n_cols], log_prob_work,
+                                    half_format)
+            dst, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, half_format, row)
+            log_softmax_backward_inplace(row, log_prob, row.dtype.type(row_sum(row)))
+            store_row(row, dst, half_format, stream)
+        store_fence()
 
 
 # -------------------------------------------------------- small-class row blocks ----
@@ -231,7 +305,7 @@ def log_softmax_backward_rows(g, g_start, g_ld, ls, ls_start, ls_ld, out, out_st
 BLOCK_ELEMENTS = 4096
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def block_rows(n_cols):
     """Rows per small-class block."""
     return max(1, BLOCK_ELEMENTS // n_cols)
@@ -317,7 +391,7 @@ def log_softmax_elementwise(dst, shift, log_total):
         dst[k] = (dst[k] - shift[k]) - log_total[k]
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def block_bounds(b, n_rows, rows_per_block):
     """Rows ``[lo, hi)`` of small-class block ``b``."""
     lo = b * rows_per_block
@@ -339,7 +413,7 @@ def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place, hal
         rows_sum(dst, n_cols, per_row)
         spread_rows(1.0 / per_row, n_cols, per_element)
         multiply_elementwise(dst, per_element)
-        store_row(dst, target, half_format)
+        store_block(dst, target, half_format)
 
 
 @parallel
@@ -359,7 +433,7 @@ def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place,
         rows_sum(scratch, n_cols, per_row)
         spread_rows(np.log(per_row), n_cols, scratch)
         log_softmax_elementwise(dst, shift, scratch)
-        store_row(dst, target, half_format)
+        store_block(dst, target, half_format)
 
 
 @parallel
@@ -386,7 +460,7 @@ def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
 # ------------------------------------------------------------- column primitives ----
 # A tile is `width` neighbouring columns of an (n_classes, ·) block; class c of the
 # tile starts at `base + c * stride`. Per-column accumulators are float64 arrays.
-@numba.njit(**JIT_OPTIONS)
+@glue
 def tile_of(t, n_inner, block):
     """Tile ``t`` → (outer index, first column, width)."""
     per_outer = (n_inner + block - 1) // block
@@ -395,7 +469,7 @@ def tile_of(t, n_inner, block):
     return o, j0, min(block, n_inner - j0)
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def tile_count(n_outer, n_inner, block):
     """Number of tiles of ``block`` columns over ``(n_outer, ·, n_inner)``."""
     return n_outer * ((n_inner + block - 1) // block)

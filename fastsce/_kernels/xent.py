@@ -26,13 +26,25 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from .rowio import open_block, open_row, readable_row, row_max, store_row, work_buffer
+from .rowio import (
+    glue,
+    open_block,
+    open_row,
+    readable_row,
+    row_max,
+    row_scratch,
+    store_block,
+    store_row,
+    work_buffer,
+)
+from .._math import UNSCALE, store_fence
 from .softmax import (
     exp_inplace,
     exp_shifted_inplace,
     logsumexp_from_max,
     lse_from_total,
     multiply_elementwise,
+    next_row,
     parallel,
     reduction,
     rows_max,
@@ -45,14 +57,14 @@ from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS
 elementwise = numba.njit(fastmath=ELEMENTWISE_FASTMATH, **JIT_OPTIONS)
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def chunk_bounds(chunk, n_rows):
     """Rows ``[lo, hi)`` of chunk ``chunk``."""
     lo = chunk * CHUNK_ROWS
     return lo, min(lo + CHUNK_ROWS, n_rows)
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def chunk_count(n_rows):
     """Number of row chunks."""
     return (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
@@ -141,41 +153,44 @@ def zero_inplace(row):
         row[j] = 0.0
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def hard_row_loss(lse, x_t, w_t, smooth_dot, keep, spread, weight_sum):
     """``(1-ε)·w_t·(lse - x_t) + ε/C·(W·lse - Σ_c w_c x_c)`` for a counted row."""
     return keep * w_t * (lse - x_t) + spread * (weight_sum * lse - smooth_dot)
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def softmax_coefficient(g, g_z, ce_mass, z_loss, lse, total):
     """``a`` in ``grad = exp(x - m)·a - b``: ``(g·ce_mass + g_z·2λ·lse) / Σ exp(x - m)``."""
     return (g * ce_mass + g_z * 2.0 * z_loss * lse) / total
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def _grad_rows_at(grad_rows, i):
     """``grad_output`` for row ``i``: per-row factors, or one for all rows."""
     return grad_rows[i] if grad_rows.size > 1 else grad_rows[0]
 
 
 @parallel
-def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, in_place, with_grad,
+def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, with_grad,
                    target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
-                   grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format):
+                   grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format, stream):
     """Cross-entropy with class-index targets for each row; see the module docstring.
 
-    ``with_grad``: write the gradient into ``out`` (``in_place``: ``out`` is ``x``).
+    ``with_grad``: write the gradient into ``out`` (which may be ``x``).
     ``grad_rows``: per-row ``grad_output`` factors (length ``n_rows``) or one factor.
     ``row_loss``, ``row_lse``, ``row_argmax``: per-row outputs, or empty to skip.
     ``chunk_loss``/``chunk_z``: per-chunk sums of the weighted loss and of ``lse²``
     over the rows that count. 16-bit logits arrive as uint16 bits (``half_format``).
+    ``stream``: compute gradient rows in scratch and stream them out (see ``rowio``).
     """
     keep = 1.0 - smoothing
     spread = smoothing / n_classes
     dtype = weight.dtype.type  # the compute dtype: float32 for 16-bit logits
     for k in numba.prange(chunk_count(n_rows)):
         lo, hi = chunk_bounds(k, n_rows)
+        row = row_scratch(out, n_classes if with_grad else 0)
+        values_work = work_buffer(x, n_classes)
         loss_sum = 0.0
         z_sum = 0.0
         for i in range(lo, hi):
@@ -184,12 +199,12 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
             valid = t != ignore_index
             x_t = smooth_dot = w_t = 0.0
             if with_grad and valid:
-                dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, in_place, half_format)
+                dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, half_format, row)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 x_t = np.float64(row[t])
                 smooth_dot = row_dot_weights(row, weight) if smoothing != 0.0 else 0.0
-                total = exp_inplace(row, m)
-                lse = lse_from_total(m, total)
+                total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))  # scaled
+                lse = lse_from_total(m, total * UNSCALE)
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, keep * w_t + spread * weight_sum,
@@ -199,12 +214,13 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 else:
                     scale_inplace(row, dtype(a))
                 row[t] -= dtype(g * keep * w_t)
-                store_row(row, dst, half_format)
+                store_row(row, dst, half_format, stream)
             else:
-                values = readable_row(src, work_buffer(x, n_classes), half_format)
+                values = readable_row(src, values_work, half_format)
                 m = row_max(values)
                 argmax = first_argmax(values, m) if row_argmax.size else -1
-                lse = logsumexp_from_max(values, m) if valid or row_lse.size else 0.0
+                ahead = next_row(x, x_start, x_ld, i, n_rows, n_classes)
+                lse = logsumexp_from_max(values, m, ahead) if valid or row_lse.size else 0.0
                 if valid:
                     x_t = np.float64(values[t])
                     smooth_dot = row_dot_weights(values, weight) if smoothing != 0.0 else 0.0
@@ -225,12 +241,12 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 row_argmax[i] = argmax
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
+        store_fence()
 
 
 @parallel
-def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n_rows, n_classes, in_place,
-                   with_grad, weight, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows,
-                   chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format):
+def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n_rows, n_classes, with_grad, weight, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows,
+                   chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format, stream):
     """Cross-entropy with class-probability targets ``y`` for each row; see the module
     docstring. Arguments as :func:`hard_xent_rows`."""
     keep = 1.0 - smoothing
@@ -238,28 +254,30 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
     dtype = weight.dtype.type  # the compute dtype: float32 for 16-bit logits
     for k in numba.prange(chunk_count(n_rows)):
         lo, hi = chunk_bounds(k, n_rows)
+        row = row_scratch(out, n_classes if with_grad else 0)
+        values_work = work_buffer(x, n_classes)
+        probs_work = work_buffer(y, n_classes)
         loss_sum = 0.0
         z_sum = 0.0
         for i in range(lo, hi):
             src = x[x_start + i * x_ld : x_start + i * x_ld + n_classes]
-            probs = readable_row(y[y_start + i * y_ld : y_start + i * y_ld + n_classes], work_buffer(y, n_classes),
-                                 half_format)
+            probs = readable_row(y[y_start + i * y_ld : y_start + i * y_ld + n_classes], probs_work, half_format)
             if with_grad:
-                dst, row, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, in_place, half_format)
+                dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, half_format, row)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(row, probs, weight, keep, spread)
-                total = exp_inplace(row, m)
-                lse = lse_from_total(m, total)
+                total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))  # scaled
+                lse = lse_from_total(m, total * UNSCALE)
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, v_total, z_loss, lse, total)
                 soft_grad_inplace(row, dtype(a), probs, weight, dtype(g), dtype(keep), dtype(spread))
-                store_row(row, dst, half_format)
+                store_row(row, dst, half_format, stream)
             else:
-                values = readable_row(src, work_buffer(x, n_classes), half_format)
+                values = readable_row(src, values_work, half_format)
                 m = row_max(values)
                 argmax = first_argmax(values, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(values, probs, weight, keep, spread)
-                lse = logsumexp_from_max(values, m)
+                lse = logsumexp_from_max(values, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))
             loss = v_total * lse - vx_total
             loss_sum += loss
             z_sum += lse * lse
@@ -271,6 +289,7 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 row_argmax[i] = argmax
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
+        store_fence()
 
 
 @parallel
@@ -353,4 +372,272 @@ def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, in_place
         for r in range(hi - lo):
             if target[lo + r] == ignore_index:
                 zero_inplace(block[r * n_classes : (r + 1) * n_classes])
-        store_row(block, dst, half_format)
+        store_block(block, dst, half_format)
+
+
+# --------------------------------------------------------------- column kernels ----
+# Classes strided, a contiguous `inner` axis: Fortran-ordered (N, C) logits, or
+# (N, C, d1, ...) with the classes on axis 1 (see fastsce._layout). As softmax.py's
+# column kernels, a tile of `width` neighbouring columns (each one row of the loss) is
+# reduced with vector loops along the contiguous axis, and with_grad copies the tile
+# into the gradient and computes there, so no logits-sized copy is made. Every per-row
+# value uses the row kernels' formulas (hard_row_loss, softmax_coefficient,
+# lse_from_total). Each tile is one loss chunk, summed in column order; the wrapper cuts
+# tiles from the shape alone, so "mean"/"sum" are bitwise identical for every thread
+# count. float32/float64 only: 16-bit logits keep the row kernels (after a 16-bit copy).
+
+# Imported here, not at the top, so that this section stands apart from the row kernels.
+from .softmax import (
+    columns_exp_inplace,
+    columns_max,
+    columns_scale_inplace,
+    columns_sum_exp,
+    copy_tile,
+    tile_count,
+    tile_of,
+)
+
+
+@reduction
+def columns_first_argmax(x, base, stride, n_classes, m, argmax):
+    """``argmax[j]`` = the first class ``c`` with ``x[c, j] == m[j]`` (0 if none, e.g. NaN),
+    as :func:`first_argmax` per column."""
+    argmax[:] = 0
+    for c in range(n_classes - 1, -1, -1):  # backwards: the first match is written last
+        seg = x[base + c * stride : base + c * stride + m.size]
+        for j in range(m.size):
+            if seg[j] == m[j]:
+                argmax[j] = c
+
+
+@reduction
+def columns_max_argmax(x, base, stride, n_classes, m, argmax):
+    """``m[j] = max_c x[c, j]``, and ``argmax`` (unless empty) as :func:`columns_first_argmax`."""
+    columns_max(x, base, stride, n_classes, m)
+    if argmax.size:
+        columns_first_argmax(x, base, stride, n_classes, m, argmax)
+
+
+@reduction
+def columns_dot_weights(x, base, stride, n_classes, weight, total):
+    """``total[j] = Σ_c weight[c]·x[c, j]`` as float64 (:func:`row_dot_weights` per column)."""
+    total[:] = 0.0
+    for c in range(n_classes):
+        seg = x[base + c * stride : base + c * stride + total.size]
+        w = weight[c]
+        for j in range(total.size):
+            total[j] += w * seg[j]
+
+
+@numba.njit(**JIT_OPTIONS)
+def columns_at_target(x, base, stride, target, ignore_index, values):
+    """``values[j] = x[target[j], j]`` as float64; 0 where ``target[j]`` is ``ignore_index``."""
+    for j in range(values.size):
+        t = target[j]
+        values[j] = np.float64(x[base + t * stride + j]) if t != ignore_index else 0.0
+
+
+@reduction
+def columns_hard_terms(x, base, stride, n_classes, target, ignore_index, weight, smoothing, m, argmax,
+                       logit_t, smooth_dot):
+    """What the class-index loss reads from a tile before ``exp``: the column maxima
+    ``m`` (and ``argmax``), ``x[t, j]`` and, with label smoothing, ``Σ_c w_c·x[c, j]``."""
+    columns_max_argmax(x, base, stride, n_classes, m, argmax)
+    columns_at_target(x, base, stride, target, ignore_index, logit_t)
+    if smoothing != 0.0:
+        columns_dot_weights(x, base, stride, n_classes, weight, smooth_dot)
+    else:
+        smooth_dot[:] = 0.0
+
+
+@reduction
+def columns_soft_terms(x, base, stride, y, y_base, y_stride, n_classes, weight, keep, spread, m, argmax,
+                       v_total, vx_total):
+    """What the probability loss reads from a tile before ``exp``: the column maxima
+    ``m`` (and ``argmax``) and ``(V, Σ_c v_c·x[c, j])`` with ``v = weight·(keep·y + spread)``
+    (:func:`soft_target_sums` per column)."""
+    columns_max_argmax(x, base, stride, n_classes, m, argmax)
+    v_total[:] = 0.0
+    vx_total[:] = 0.0
+    for c in range(n_classes):
+        seg = x[base + c * stride : base + c * stride + m.size]
+        seg_y = y[y_base + c * y_stride : y_base + c * y_stride + m.size]
+        w = weight[c]
+        for j in range(m.size):
+            v = w * (keep * seg_y[j] + spread)
+            v_total[j] += v
+            vx_total[j] += v * seg[j]
+
+
+@elementwise
+def columns_smoothed_grad_inplace(x, base, stride, n_classes, a, smooth_scale, weight):
+    """``x[c, j] = x[c, j]·a[j] - smooth_scale[j]·weight[c]`` (:func:`smoothed_grad_inplace` per column)."""
+    for c in range(n_classes):
+        seg = x[base + c * stride : base + c * stride + a.size]
+        w = weight[c]
+        for j in range(a.size):
+            seg[j] = seg[j] * a[j] - smooth_scale[j] * w
+
+
+@elementwise
+def columns_soft_grad_inplace(x, base, stride, y, y_base, y_stride, n_classes, a, g, weight, keep, spread):
+    """``x[c, j] = x[c, j]·a[j] - g[j]·weight[c]·(keep·y[c, j] + spread)``
+    (:func:`soft_grad_inplace` per column)."""
+    for c in range(n_classes):
+        seg = x[base + c * stride : base + c * stride + a.size]
+        seg_y = y[y_base + c * y_stride : y_base + c * y_stride + a.size]
+        w = weight[c]
+        for j in range(a.size):
+            seg[j] = seg[j] * a[j] - g[j] * (w * (keep * seg_y[j] + spread))
+
+
+@elementwise
+def columns_zero_where(x, base, stride, n_classes, ignored):
+    """``x[c, j] = 0`` where ``ignored[j]`` (ignored rows: exp may be NaN there)."""
+    for c in range(n_classes):
+        seg = x[base + c * stride : base + c * stride + ignored.size]
+        for j in range(ignored.size):
+            if ignored[j]:
+                seg[j] = 0.0
+
+
+@numba.njit(**JIT_OPTIONS)
+def record_row(r, loss, lse, argmax, row_loss, row_lse, row_argmax):
+    """Store row ``r``'s results in the per-row outputs that were asked for (non-empty)."""
+    if row_loss.size:
+        row_loss[r] = loss
+    if row_lse.size:
+        row_lse[r] = lse
+    if row_argmax.size:
+        row_argmax[r] = argmax
+
+
+@parallel
+def hard_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_outer, n_classes, n_inner, block,
+                      in_place, with_grad, target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale,
+                      z_grad_scale, grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax):
+    """:func:`hard_xent_rows` along the classes of ``(n_outer, n_classes, n_inner)`` arrays.
+
+    Arrays as softmax.py's column kernels (``*_os`` outer, ``*_cs`` class strides; tiles
+    of ``block`` columns). Row ``r = o·n_inner + j`` of the loss is column ``j`` of outer
+    index ``o``: the order of ``target``, ``grad_rows`` and the per-row outputs.
+    ``chunk_loss[k]``/``chunk_z[k]`` are the sums over tile ``k``. float32/float64 only.
+    """
+    keep = 1.0 - smoothing
+    spread = smoothing / n_classes
+    dtype = weight.dtype.type
+    for k in numba.prange(tile_count(n_outer, n_inner, block)):
+        o, j0, width = tile_of(k, n_inner, block)
+        r0 = o * n_inner + j0
+        xb = x_start + o * x_os + j0
+        ob = out_start + o * out_os + j0
+        targets = target[r0 : r0 + width]
+        m = np.empty(width, x.dtype)
+        argmax = np.zeros(width if row_argmax.size else 0, np.int64)
+        logit_t = np.empty(width)
+        smooth_dot = np.empty(width)
+        total = np.empty(width)
+        if with_grad:  # exp(x - m) is written into the gradient's tile, then turned into it
+            if not in_place:
+                copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
+            columns_hard_terms(out, ob, out_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
+                               logit_t, smooth_dot)
+            columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
+        else:
+            columns_hard_terms(x, xb, x_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
+                               logit_t, smooth_dot)
+            columns_sum_exp(x, xb, x_cs, n_classes, m, total)
+        a = np.zeros(width, dtype)
+        smooth_scale = np.zeros(width, dtype)
+        target_term = np.zeros(width, dtype)
+        loss_sum = 0.0
+        z_sum = 0.0
+        n_ignored = 0
+        for j in range(width):
+            r = r0 + j
+            t = targets[j]
+            lse = lse_from_total(m[j], total[j])
+            loss = 0.0
+            if t != ignore_index:
+                w_t = np.float64(weight[t])
+                loss = hard_row_loss(lse, logit_t[j], w_t, smooth_dot[j], keep, spread, weight_sum)
+                loss_sum += loss
+                z_sum += lse * lse
+                loss += z_loss * lse * lse
+                if with_grad:
+                    g = _grad_rows_at(grad_rows, r) * grad_scale
+                    a[j] = softmax_coefficient(g, _grad_rows_at(grad_rows, r) * z_grad_scale,
+                                               keep * w_t + spread * weight_sum, z_loss, lse, total[j])
+                    smooth_scale[j] = g * spread
+                    target_term[j] = g * keep * w_t
+            else:
+                n_ignored += 1
+            record_row(r, loss, lse, argmax[j] if argmax.size else -1, row_loss, row_lse, row_argmax)
+        chunk_loss[k] = loss_sum
+        chunk_z[k] = z_sum
+        if not with_grad:
+            continue
+        if smoothing != 0.0:
+            columns_smoothed_grad_inplace(out, ob, out_cs, n_classes, a, smooth_scale, weight)
+        else:
+            columns_scale_inplace(out, ob, out_cs, n_classes, a)
+        for j in range(width):
+            t = targets[j]
+            if t != ignore_index:
+                out[ob + t * out_cs + j] -= target_term[j]
+        if n_ignored:
+            columns_zero_where(out, ob, out_cs, n_classes, targets == ignore_index)
+
+
+@parallel
+def soft_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, y, y_start, y_os, y_cs, n_outer,
+                      n_classes, n_inner, block, in_place, with_grad, weight, smoothing, z_loss, grad_scale,
+                      z_grad_scale, grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax):
+    """:func:`soft_xent_rows` along the classes of ``(n_outer, n_classes, n_inner)`` arrays,
+    with probabilities ``y`` in the same view; arguments as :func:`hard_xent_columns`."""
+    keep = 1.0 - smoothing
+    spread = smoothing / n_classes
+    dtype = weight.dtype.type
+    for k in numba.prange(tile_count(n_outer, n_inner, block)):
+        o, j0, width = tile_of(k, n_inner, block)
+        r0 = o * n_inner + j0
+        xb = x_start + o * x_os + j0
+        ob = out_start + o * out_os + j0
+        yb = y_start + o * y_os + j0
+        m = np.empty(width, x.dtype)
+        argmax = np.zeros(width if row_argmax.size else 0, np.int64)
+        v_total = np.empty(width)
+        vx_total = np.empty(width)
+        total = np.empty(width)
+        if with_grad:  # exp(x - m) is written into the gradient's tile, then turned into it
+            if not in_place:
+                copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
+            columns_soft_terms(out, ob, out_cs, y, yb, y_cs, n_classes, weight, keep, spread, m, argmax,
+                               v_total, vx_total)
+            columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
+        else:
+            columns_soft_terms(x, xb, x_cs, y, yb, y_cs, n_classes, weight, keep, spread, m, argmax,
+                               v_total, vx_total)
+            columns_sum_exp(x, xb, x_cs, n_classes, m, total)
+        a = np.empty(width, dtype)
+        g_columns = np.empty(width, dtype)
+        loss_sum = 0.0
+        z_sum = 0.0
+        for j in range(width):
+            r = r0 + j
+            lse = lse_from_total(m[j], total[j])
+            loss = v_total[j] * lse - vx_total[j]
+            loss_sum += loss
+            z_sum += lse * lse
+            if with_grad:
+                g = _grad_rows_at(grad_rows, r) * grad_scale
+                a[j] = softmax_coefficient(g, _grad_rows_at(grad_rows, r) * z_grad_scale, v_total[j], z_loss, lse,
+                                           total[j])
+                g_columns[j] = g
+            record_row(r, loss + z_loss * lse * lse, lse, argmax[j] if argmax.size else -1, row_loss, row_lse,
+                       row_argmax)
+        chunk_loss[k] = loss_sum
+        chunk_z[k] = z_sum
+        if with_grad:
+            columns_soft_grad_inplace(out, ob, out_cs, y, yb, y_cs, n_classes, a, g_columns, weight, dtype(keep),
+                                      dtype(spread))
