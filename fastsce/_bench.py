@@ -24,6 +24,18 @@ import fastsce
 FULL_SHAPES = [(1_048_576, 10), (262_144, 128), (65_536, 1_000), (8_192, 32_000), (512, 262_144), (32, 2_097_152)]
 QUICK_SHAPES = [(1_048_576, 10), (65_536, 1_000), (8_192, 32_000)]
 OPS = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_with_grad"]
+DTYPES = ("float32", "float64", "float16", "bfloat16")
+# 16-bit inputs (issue 7): their own copy is the floor, at these shapes.
+HALF_SHAPES = [(65_536, 1_000), (8_192, 32_000)]
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """``name`` as a NumPy dtype; bfloat16 is ml_dtypes' (as JAX uses)."""
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 # Ops that read the logits and write an array of their size (floor: copy), else read only.
 WRITES = {"softmax", "log_softmax", "cross_entropy_with_grad"}
 
@@ -53,7 +65,7 @@ class Result:
 
     @property
     def bytes_moved(self) -> int:
-        size = self.case.rows * self.case.classes * np.dtype(self.case.dtype).itemsize
+        size = self.case.rows * self.case.classes * numpy_dtype(self.case.dtype).itemsize
         return 2 * size if self.case.op in WRITES else size
 
 
@@ -105,7 +117,10 @@ def torch_reference(op: str, x: np.ndarray, target: np.ndarray, axis: int) -> Ca
         import torch.nn.functional as F
     except ImportError:
         return None
-    xt = torch.from_numpy(x)
+    if x.dtype.name == "bfloat16":  # torch reads ml_dtypes' bfloat16 through its bits
+        xt = torch.from_numpy(x.view(np.int16)).view(torch.bfloat16)
+    else:
+        xt = torch.from_numpy(x)
     tt = torch.from_numpy(target)
     if op == "cross_entropy_with_grad":
         def run():
@@ -238,7 +253,7 @@ def format_linear_row(r: Result, shape: tuple[int, int, int] = LINEAR_SHAPE) -> 
 def make_data(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     shape = (case.classes, case.rows) if case.axis == 0 else (case.rows, case.classes)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(case.dtype, copy=False)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(case.dtype), copy=False)
     target = rng.integers(0, case.classes, case.rows)
     return x, target
 
@@ -290,6 +305,8 @@ def cases_for(shapes, ops, dtypes, full) -> list[Case]:
     cases = [Case(op, rows, classes, dtype) for dtype in dtypes for rows, classes in shapes for op in ops]
     if full:
         cases += [Case(op, 65_536, 1_000, "float64") for op in ops if "float64" not in dtypes]
+        cases += [Case(op, rows, classes, half) for half in ("float16", "bfloat16") if half not in dtypes
+                  for rows, classes in HALF_SHAPES for op in ops]
         cases += [Case(op, 65_536, 1_000, "float32", axis=0) for op in ops if not op.startswith("cross")]
     return cases
 
@@ -300,7 +317,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastsce bench", description=__doc__.splitlines()[0])
     parser.add_argument("--full", action="store_true", help="every shape of the performance targets")
     parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, from {','.join(OPS)}")
-    parser.add_argument("--dtype", default="float32", help="float32, float64 or both comma-separated")
+    parser.add_argument("--dtype", default="float32", help=f"comma-separated, from {','.join(DTYPES)}")
     parser.add_argument("--threads", type=int, default=None, help="threads for fastsce and torch")
     parser.add_argument("--repeats", type=int, default=None, help="repetitions per timing (min is kept)")
     parser.add_argument("--no-peers", action="store_true", help="skip NumPy/torch/JAX references")
@@ -313,8 +330,8 @@ def main(argv: list[str]) -> int:
     if unknown:
         parser.error(f"unknown ops: {', '.join(sorted(unknown))}")
     dtypes = [d for d in args.dtype.split(",") if d]
-    if set(dtypes) - {"float32", "float64"}:
-        parser.error("--dtype takes float32 and/or float64")
+    if set(dtypes) - set(DTYPES):
+        parser.error(f"--dtype takes {', '.join(DTYPES)}")
     if args.threads is not None:
         fastsce.set_num_threads(args.threads)
         try:

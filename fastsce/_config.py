@@ -64,6 +64,14 @@ SMALL_CLASSES = 64
 # Rows per chunk of the cross-entropy's loss sums: fixed, so that the order of the
 # float64 additions (and so "mean"/"sum" to the last bit) does not depend on threads.
 CHUNK_ROWS = 256
+# ...but at least this many chunks when the rows allow, so that a few long rows still
+# spread over the threads. Both depend on the row count only, never on the threads.
+MIN_CHUNKS = 16
+
+
+def loss_chunk_rows(n_rows: int) -> int:
+    """Rows per loss chunk (the kernels' ``chunk_rows`` is the same formula)."""
+    return max(1, min(CHUNK_ROWS, n_rows // MIN_CHUNKS))
 
 # Outputs at least this big are written around the caches (non-temporal stores): they
 # would be evicted before reuse anyway, and streaming saves the read that fills each

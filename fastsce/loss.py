@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._config import CHUNK_ROWS, NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES
+from ._config import NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES, loss_chunk_rows
 from ._layout import Operand, Plan, aligned_copy, plan_layout, require_plan
 from ._validation import (
     as_float_array,
@@ -40,7 +40,7 @@ def _launch(name: str, *args: Any) -> Any:
 
 
 def _chunk_count(n_rows: int) -> int:
-    return -(-n_rows // CHUNK_ROWS)
+    return -(-n_rows // loss_chunk_rows(n_rows))
 
 
 # ------------------------------------------------------------------ validation ----
@@ -226,7 +226,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
     row_loss = np.empty(n_rows if reduction == "none" else 0, np.float64)
     row_lse = np.empty(n_rows if return_lse else 0, np.float64)
     row_argmax = np.empty(n_rows if return_argmax else 0, np.int64)
-    # Loss sums per chunk: CHUNK_ROWS rows (row kernels) or one tile (column kernels).
+    # Loss sums per chunk: loss_chunk_rows rows (row kernels) or one tile (column kernels).
     if plan is None:
         n_chunks = 0
     elif plan.is_rows:

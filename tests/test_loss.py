@@ -686,7 +686,7 @@ def test_bad_grad_output():
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_deterministic_across_threads(kind):
     rng = np.random.default_rng(16)
-    n_rows = jit_or_pure(3000, 300)  # pure Python: still two loss chunks (CHUNK_ROWS = 256)
+    n_rows = jit_or_pure(3000, 300)  # pure Python: still several loss chunks
     x = make_logits((n_rows, 257), np.float32, rng)
     t = make_target(kind, x, -1, rng, ignore_rows=range(0, n_rows, 97))
     w = make_weight(True, 257, np.float32, rng)
@@ -912,3 +912,26 @@ def test_hypothesis_grad_vs_finite_differences(case):
         fd[idx] = (objective(xp) - objective(xm)) / (2 * h)
     tol = 1e-6 * (1.0 + abs(loss0)) + 1e-6 * np.max(np.abs(grad))
     assert np.max(np.abs(fd - grad)) <= tol, (fd, grad)
+
+
+# ------------------------------------------------------------ argmax with NaN ----
+@pytest.mark.parametrize("n_classes", [10, 1000], ids=["row-blocks", "rows"])
+@pytest.mark.parametrize("order", ["C", "F"], ids=["classes-contiguous", "classes-strided"])
+@pytest.mark.parametrize("with_grad", [False, True], ids=["loss", "loss+grad"])
+def test_return_argmax_counts_nan_as_numpy_does(n_classes, order, with_grad):
+    """A row holding NaN reports its first NaN, as np.argmax and torch.argmax do, on every
+    kernel path (row kernels, small-class blocks, column kernels)."""
+    rng = np.random.default_rng(40)
+    x = np.asarray(rng.standard_normal((300, n_classes), dtype=np.float32), order=order)
+    x[5, 3] = np.nan
+    x[7, n_classes - 1] = np.nan
+    x[9, 0] = np.nan
+    x[9, 2] = np.nan
+    x[11, 1] = 50.0  # a max before a later NaN: the NaN still wins
+    x[11, 6] = np.nan
+    t = rng.integers(0, n_classes, 300)
+    if with_grad:
+        _, _, argmax = fastsce.cross_entropy_with_grad(x, t, reduction="none", return_argmax=True)
+    else:
+        _, argmax = fastsce.cross_entropy(x, t, reduction="none", return_argmax=True)
+    assert np.array_equal(argmax, np.argmax(x, axis=1))

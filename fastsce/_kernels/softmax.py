@@ -46,7 +46,6 @@ from .rowio import (
     readable_row,
     row_max,
     row_scratch,
-    scale_inplace,
     store_block,
     store_row,
     work_buffer,
@@ -71,10 +70,16 @@ def copy_into(src, dst):
         dst[j] = src[j]
 
 
+# Rows up to this size are prefetched whole: with the working row they fit in L2. A
+# longer row would evict its own working row; the hardware prefetcher streams it.
+PREFETCH_MAX_BYTES = 128 * 1024
+
+
 @glue
 def next_row(x, x_start, x_ld, i, n_rows, n_cols):
-    """Row ``i + 1`` of ``x`` (to prefetch while row ``i`` is computed), or an empty slice."""
-    if i + 1 >= n_rows:
+    """Row ``i + 1`` of ``x`` (to prefetch while row ``i`` is computed), or an empty slice
+    (last row, or rows too long to prefetch)."""
+    if i + 1 >= n_rows or n_cols * x.itemsize > PREFETCH_MAX_BYTES:
         return x[:0]
     return x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_cols]
 
@@ -318,7 +323,7 @@ LANES = 8
 
 @reduction
 def rows_max(block, n_cols, out):
-    """``out[r] = max(block[r, :])``; NaN is skipped (it poisons its row through exp)."""
+    """``out[r] = max(block[r, :])``; NaN if the row holds NaN."""
     n_rows = block.size // n_cols
     acc = np.empty(LANES, block.dtype)
     full = n_rows - n_rows % LANES
@@ -329,13 +334,13 @@ def rows_max(block, n_cols, out):
         for c in range(1, n_cols):
             for lane in range(LANES):
                 v = rows[lane * n_cols + c]
-                acc[lane] = v if v > acc[lane] else acc[lane]
+                acc[lane] = fmaximum(acc[lane], v)
         out[g : g + LANES] = acc
     for r in range(full, n_rows):
         row = block[r * n_cols : (r + 1) * n_cols]
         m = row[0]
         for j in range(row.size):
-            m = row[j] if row[j] > m else m
+            m = fmaximum(m, row[j])
         out[r] = m
 
 

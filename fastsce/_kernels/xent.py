@@ -15,7 +15,8 @@ known before the kernel runs. Each row's gradient is ``s·a - b`` for a per-row 
 and a sparse or per-class ``b``; it is written over the copied logits in place, so
 ``exp`` is evaluated once per element and ``inplace=True`` costs no second array.
 
-Rows are processed in fixed chunks of ``CHUNK_ROWS``; each chunk's losses are summed
+Rows are processed in chunks of ``chunk_rows(n_rows)`` (at most ``CHUNK_ROWS``, fixed by
+the row count alone); each chunk's losses are summed
 in float64 in row order and the chunk sums are added in order by the caller, so
 "mean" and "sum" are bitwise identical for every thread count.
 """
@@ -33,6 +34,7 @@ from .rowio import (
     readable_row,
     row_max,
     row_scratch,
+    scale_inplace,
     store_block,
     store_row,
     work_buffer,
@@ -49,25 +51,32 @@ from .softmax import (
     reduction,
     rows_max,
     rows_sum,
-    scale_inplace,
     spread_rows,
 )
-from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS
+from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS, MIN_CHUNKS
 
 elementwise = numba.njit(fastmath=ELEMENTWISE_FASTMATH, **JIT_OPTIONS)
 
 
 @glue
+def chunk_rows(n_rows):
+    """Rows per loss chunk: ``_config.loss_chunk_rows``, which the wrapper uses."""
+    return max(1, min(CHUNK_ROWS, n_rows // MIN_CHUNKS))
+
+
+@glue
 def chunk_bounds(chunk, n_rows):
     """Rows ``[lo, hi)`` of chunk ``chunk``."""
-    lo = chunk * CHUNK_ROWS
-    return lo, min(lo + CHUNK_ROWS, n_rows)
+    size = chunk_rows(n_rows)
+    lo = chunk * size
+    return lo, min(lo + size, n_rows)
 
 
 @glue
 def chunk_count(n_rows):
     """Number of row chunks."""
-    return (n_rows + CHUNK_ROWS - 1) // CHUNK_ROWS
+    size = chunk_rows(n_rows)
+    return (n_rows + size - 1) // size
 
 
 @parallel
@@ -123,9 +132,11 @@ def soft_target_sums(row, y, weight, keep, spread):
 
 @reduction
 def first_argmax(row, m):
-    """Index of the first entry equal to ``m`` (0 when there is none, e.g. NaN)."""
+    """Index of the first entry equal to ``m = max(row)`` or, when the row holds NaN (then
+    ``m`` is NaN), of the first NaN, as ``np.argmax`` and ``torch.argmax`` count NaN."""
     for j in range(row.size):
-        if row[j] == m:
+        v = row[j]
+        if v == m or v != v:
             return j
     return 0
 
@@ -400,13 +411,14 @@ from .softmax import (
 
 @reduction
 def columns_first_argmax(x, base, stride, n_classes, m, argmax):
-    """``argmax[j]`` = the first class ``c`` with ``x[c, j] == m[j]`` (0 if none, e.g. NaN),
-    as :func:`first_argmax` per column."""
+    """``argmax[j]`` = the first class ``c`` with ``x[c, j] == m[j]`` or, in a column
+    holding NaN, the first NaN: :func:`first_argmax` per column."""
     argmax[:] = 0
     for c in range(n_classes - 1, -1, -1):  # backwards: the first match is written last
         seg = x[base + c * stride : base + c * stride + m.size]
         for j in range(m.size):
-            if seg[j] == m[j]:
+            v = seg[j]
+            if v == m[j] or v != v:
                 argmax[j] = c
 
 
