@@ -488,36 +488,52 @@ def copy_tile(x, x_base, x_stride, out, out_base, out_stride, n_classes, width):
                   out[out_base + c * out_stride : out_base + c * out_stride + width])
 
 
+# Column loops keep one array read-modify-written per loop in the data's own dtype:
+# measured on AVX2, `m[j] = fmaximum(m[j], seg[j])` compiles to a scalar chain (0.54 ns
+# per element) where np.maximum(m, seg, m) is vector code (0.09 ns), and accumulating
+# float32 terms into a float64 array keeps the exp loop scalar (1.26 vs 0.57 ns). So
+# sums run in the dtype over blocks of SUM_BLOCK classes and in float64 across blocks,
+# as the row sums do.
 @reduction
 def columns_max(x, base, stride, n_classes, m):
-    """``m[j] = max_c x[c, j]``."""
+    """``m[j] = max_c x[c, j]`` (NaN if the column holds NaN)."""
     m[:] = x[base : base + m.size]
     for c in range(1, n_classes):
-        seg = x[base + c * stride : base + c * stride + m.size]
-        for j in range(m.size):
-            m[j] = fmaximum(m[j], seg[j])
+        np.maximum(m, x[base + c * stride : base + c * stride + m.size], m)
 
 
 @reduction
 def columns_sum_exp(x, base, stride, n_classes, shift, total):
-    """``total[j] = Σ_c exp(x[c, j] - shift[j])``."""
+    """``total[j] = Σ_c exp(x[c, j] - shift[j])``, given ``shift[j] = max_c x[c, j]``."""
     total[:] = 0.0
-    for c in range(n_classes):
-        seg = x[base + c * stride : base + c * stride + total.size]
+    part = np.empty(total.size, x.dtype)
+    for first in range(0, n_classes, SUM_BLOCK):
+        part[:] = 0.0
+        for c in range(first, min(first + SUM_BLOCK, n_classes)):
+            seg = x[base + c * stride : base + c * stride + total.size]
+            for j in range(part.size):
+                part[j] += scaled_exp_diff_rounded(seg[j], shift[j])
         for j in range(total.size):
-            total[j] += exp_diff(seg[j], shift[j])
+            total[j] += part[j]
+    for j in range(total.size):
+        total[j] *= UNSCALE
 
 
 @reduction
 def columns_exp_inplace(x, base, stride, n_classes, shift, total):
     """``x[c, j] = exp(x[c, j] - shift[j])`` and ``total[j] = Σ_c x[c, j]``."""
     total[:] = 0.0
-    for c in range(n_classes):
-        seg = x[base + c * stride : base + c * stride + total.size]
+    part = np.empty(total.size, x.dtype)
+    for first in range(0, n_classes, SUM_BLOCK):
+        part[:] = 0.0
+        for c in range(first, min(first + SUM_BLOCK, n_classes)):
+            seg = x[base + c * stride : base + c * stride + total.size]
+            for j in range(part.size):
+                e = exp_diff(seg[j], shift[j])
+                seg[j] = e
+                part[j] += e
         for j in range(total.size):
-            e = exp_diff(seg[j], shift[j])
-            seg[j] = e
-            total[j] += e
+            total[j] += part[j]
 
 
 @reduction
