@@ -132,11 +132,13 @@ def soft_target_sums(row, y, weight, keep, spread):
 
 @reduction
 def first_argmax(row, m):
-    """Index of the first entry equal to ``m = max(row)`` or, when the row holds NaN (then
-    ``m`` is NaN), of the first NaN, as ``np.argmax`` and ``torch.argmax`` count NaN."""
+    """As ``np.argmax`` and ``torch.argmax``: the first NaN if the row holds one, else the
+    first entry equal to ``m = max(row)``."""
     for j in range(row.size):
-        v = row[j]
-        if v == m or v != v:
+        if row[j] != row[j]:
+            return j
+    for j in range(row.size):
+        if row[j] == m:
             return j
     return 0
 
