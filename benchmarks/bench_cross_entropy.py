@@ -1,7 +1,7 @@
 """Cross-entropy: the loss alone, the fused loss + gradient, nll_loss, and their options.
 
 Every ``time_<function>`` has a ``time_numpy_<function>`` beside it. ``CrossEntropyWithGrad``
-(the training step) runs on every quick shape, the rest on the two smaller ones in float32
+(the training step) runs on every default shape, the rest on the 1000-class one in float32,
 unless FASTSCE_ASV_FULL=1. Commits that predate the losses skip these benchmarks (asv
 shows them as n/a).
 """

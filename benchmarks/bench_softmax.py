@@ -3,8 +3,8 @@
 Every ``time_<function>`` has a ``time_numpy_<function>`` beside it (the NumPy code a user
 would otherwise write), so the graphs show the gap. fastsce writes into a preallocated
 output in the ``time_`` benchmarks; ``SoftmaxMemory`` measures the fresh-output case.
-``Softmax`` runs on every quick shape (``common.PARAMS``), the rest on the two smaller
-ones in float32 (``common.SMALL_PARAMS``) unless FASTSCE_ASV_FULL=1.
+``Softmax`` runs on every default shape (``common.PARAMS``), the rest on the 1000-class
+one in float32 (``common.SMALL_PARAMS``), unless FASTSCE_ASV_FULL=1.
 """
 
 from __future__ import annotations

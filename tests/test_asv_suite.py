@@ -2,7 +2,10 @@
 
 In-process: every benchmark class of every module is set up on its smallest parameters
 and each of its benchmarks called once (no asv needed). With asv installed, also
-``asv check --python=same``, which is what asv itself checks before a run.
+``asv check --python=same``, which is what asv itself checks before a run, and
+``asv run --python=same --quick`` of one benchmark per module, through asv's own runner
+(fork server, parameters, skips, timeouts), with results and machine file kept out of
+the repository and the home directory.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import pkgutil
 import re
 import subprocess
@@ -97,32 +101,49 @@ def test_asv_conf():
     assert ".asv/" in (ROOT / ".gitignore").read_text().split()
 
 
-def run_once(cls, combo):
-    """setup, each benchmark once, teardown; False when setup skips this combination."""
+def run_once(cls, combo, cached=()):
+    """setup, each benchmark once, teardown; the reason when setup skips this combination
+    (asv's NotImplementedError), else None.
+
+    ``cached``: ``(setup_cache(),)`` for a class that has one (asv passes its value first).
+    """
     bench = cls()
+    args = (*cached, *combo)
     try:
         if hasattr(bench, "setup"):
-            bench.setup(*combo)
-    except NotImplementedError:
-        return False
+            bench.setup(*args)
+    except NotImplementedError as skip:
+        return str(skip)
     try:
         for name in benchmark_methods(cls):
-            value = getattr(bench, name)(*combo)
+            value = getattr(bench, name)(*args)
             if name.startswith("track_"):
                 assert isinstance(value, float) and math.isfinite(value) and value > 0, (cls, name, value)
     finally:
         if hasattr(bench, "teardown"):
-            bench.teardown(*combo)
-    return True
+            bench.teardown(*args)
+    return None
 
 
 @needs_jit("the benchmarks time compiled kernels at their real sizes (10**7 elements and up)")
 @pytest.mark.parametrize("module_name", MODULES)
-def test_each_benchmark_runs_on_its_smallest_parameters(module_name):
+def test_each_benchmark_runs_on_its_smallest_parameters(module_name, tmp_path, monkeypatch):
     module = importlib.import_module(module_name)
     for cls in benchmark_classes(module):
-        if not any(run_once(cls, combo) for combo in smallest_first(cls)):
-            pytest.fail(f"{cls.__name__}: every parameter combination skipped")
+        cached = ()
+        if hasattr(cls, "setup_cache"):
+            monkeypatch.chdir(tmp_path)  # asv runs setup_cache in a directory of its own
+            cached = (cls().setup_cache(),)
+            monkeypatch.chdir(ROOT)
+        skips = []
+        for combo in smallest_first(cls):
+            skips.append(run_once(cls, combo, cached))
+            if skips[-1] is None:
+                break
+        else:
+            # Only an optional peer (torch: installed in CI) may be missing.
+            if not all(reason.endswith("is not installed") for reason in skips):
+                pytest.fail(f"{cls.__name__}: every parameter combination skipped: {skips}")
 
 
 def test_asv_check():
@@ -131,6 +152,58 @@ def test_asv_check():
                             check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "No problems found" in result.stdout, result.stdout
+
+
+# One benchmark per module for the asv run below: the cheapest of each family.
+ASV_QUICK = {
+    "bench_cross_entropy": "CrossEntropyWithGrad.time_cross_entropy_with_grad",
+    "bench_half": "HalfSoftmax.time_softmax",
+    "bench_import": "Startup.track_import_time",
+    "bench_linear": "LinearCrossEntropy.time_linear_cross_entropy",
+    "bench_softmax": "Softmax.time_softmax",
+}
+
+
+def test_asv_quick_names_one_benchmark_of_every_module():
+    assert sorted(f"benchmarks.{m}" for m in ASV_QUICK) == MODULES
+    for module, name in ASV_QUICK.items():
+        cls_name, method = name.split(".")
+        assert method in benchmark_methods(getattr(importlib.import_module(f"benchmarks.{module}"), cls_name))
+
+
+@needs_jit("asv times compiled kernels at their real sizes")
+def test_asv_quick_run_of_one_benchmark_per_module(tmp_path):
+    """``asv run --python=same --quick`` of one benchmark per module, as a user runs it.
+
+    A copy of asv.conf.json with the results, environments and HTML under ``tmp_path``,
+    and HOME there too (asv's machine file), so that neither the repository's .asv/ nor
+    ~/.asv-machine.json is touched.
+    """
+    pytest.importorskip("asv")
+    text = (ROOT / "asv.conf.json").read_text()
+    conf = json.loads(re.sub(r"^\s*//.*$", "", text, flags=re.MULTILINE))
+    conf.update(repo=str(ROOT), benchmark_dir=str(ROOT / "benchmarks"), env_dir=str(tmp_path / "env"),
+                results_dir=str(tmp_path / "results"), html_dir=str(tmp_path / "html"))
+    config = tmp_path / "asv.conf.json"
+    config.write_text(json.dumps(conf))
+    env = dict(os.environ, HOME=str(tmp_path))
+    asv = [sys.executable, "-m", "asv", "--config", str(config)]
+    machine = subprocess.run([*asv, "machine", "--yes", "--machine", "ci"], cwd=tmp_path, env=env,
+                             check=False, capture_output=True, text=True, timeout=60)
+    assert machine.returncode == 0, machine.stdout + machine.stderr
+    # asv matches a parameterized benchmark as "name(param, ...)", once per combination.
+    pattern = "^(" + "|".join(re.escape(f"{m}.{n}") for m, n in ASV_QUICK.items()) + r")(\(|$)"
+    result = subprocess.run([*asv, "run", "--python=same", "--quick", "--machine", "ci", "--show-stderr",
+                             "--bench", pattern], cwd=tmp_path, env=env, check=False, capture_output=True,
+                            text=True, timeout=900)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert f"Running {len(ASV_QUICK)} total benchmarks" in out, out
+    # One status line per benchmark ("[ 20.00%] ··· <name, maybe cut short>   ok"); asv
+    # saves no results of --python=same, so its printed tables are what there is.
+    statuses = re.findall(r"^\[\s*[\d.]+%\] ··· \S+\s+(\w+)$", out, flags=re.MULTILINE)
+    assert statuses == ["ok"] * len(ASV_QUICK), out
+    assert "failed" not in out, out
 
 
 def test_numpy_references_agree_with_fastsce():
