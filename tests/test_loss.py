@@ -714,7 +714,8 @@ def test_deterministic_across_threads(kind):
 # ---------------------------------------------------------- return_lse / argmax ----
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("kind", ["hard", "soft"])
-@pytest.mark.parametrize("shape_axis", [((40, 17), -1), ((3, 17, 5), 1)])
+# row blocks (C < SMALL_CLASSES), row kernels, column kernels
+@pytest.mark.parametrize("shape_axis", [((40, 17), -1), ((12, 100), -1), ((3, 17, 5), 1)])
 def test_return_lse_and_argmax(dtype, kind, shape_axis):
     shape, axis = shape_axis
     rng = np.random.default_rng(17)

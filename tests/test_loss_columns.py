@@ -20,7 +20,7 @@ import pytest
 
 import fastsce
 from tests import reference as ref
-from tests.conftest import FLOAT_DTYPES
+from tests.conftest import FLOAT_DTYPES, needs_two_threads
 from tests.test_loss import (
     HAVE_TORCH,
     REDUCTIONS,
@@ -350,6 +350,7 @@ def test_16bit_keeps_the_row_kernels(dtype):
 
 
 # -------------------------------------------------------------- determinism ----
+@needs_two_threads
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 @pytest.mark.parametrize("layout", ["fortran", "NCd"])
 def test_deterministic_across_threads(no_copy, kind, layout):
