@@ -71,7 +71,7 @@ def test_pure_python_mode_passes_a_representative_subset():
     env = dict(os.environ, NUMBA_DISABLE_JIT="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", *SUBSET,
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUBSET,
          "-k", SUBSET_K],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
     )
