@@ -33,7 +33,6 @@ from .._math import (
     UNSCALE,
     exp,
     exp_diff,
-    fmaximum,
     prefetch,
     scaled_exp_diff,
     scaled_exp_diff_rounded,
