@@ -44,6 +44,8 @@ __all__ = [
     "bits_to_float64",
     "exp32",
     "exp64",
+    "log",
+    "log64",
     "float32_to_bits",
     "float64_to_bits",
     "fmaximum",
@@ -561,4 +563,58 @@ def _exp_overload(x):
         return lambda x: exp32(x)
     if x == types.float64:
         return lambda x: exp64(x)
+    return None
+
+
+# ------------------------------------------------------------------------- log ----
+# fdlibm's log (e_log.c): x = 2^k·(1 + f) with 1 + f in [sqrt(2)/2, sqrt(2)), then
+# log(1 + f) = f - (hfsq - s·(hfsq + R(s²))) with s = f/(2 + f), hfsq = f²/2. Written
+# without branches so that per-row logs (the small-class kernels take one per row) run
+# as vector code; libm's scalar log would cost as much as the row's exps.
+_F64_LG1 = 6.666666666666735130e-01
+_F64_LG2 = 3.999999999940941908e-01
+_F64_LG3 = 2.857142874366239149e-01
+_F64_LG4 = 2.222219843214978396e-01
+_F64_LG5 = 1.818357216161805012e-01
+_F64_LG6 = 1.531383769920937332e-01
+_F64_LG7 = 1.479819860511658591e-01
+_F64_SMALLEST_NORMAL = 2.0**-1022
+_F64_TWO54 = 2.0**54
+_LOG_OFFSET = np.int64(0x3FF0000000000000 - 0x3FE6A09E00000000)  # moves sqrt(2)/2 to 1.0
+_LOG_MANTISSA = np.int64(0x000FFFFFFFFFFFFF)
+_LOG_SQRT_HALF_BITS = np.int64(0x3FE6A09E00000000)
+_INT_TO_F64_MAGIC = np.int64(0x4338000000000000)  # bits of 1.5·2^52: int + these = float
+
+
+@numba.njit(fastmath=_EXP_FLAGS, **JIT_OPTIONS)
+def log64(x: float) -> float:
+    """Natural log of a float64, within 1 ulp; ``log(0) = -inf``, ``log(+inf) = +inf``,
+    NaN for negative ``x`` and NaN. Branch-free (vectorizes)."""
+    subnormal = x < _F64_SMALLEST_NORMAL
+    bits = float64_to_bits(x * _F64_TWO54 if subnormal else x) + _LOG_OFFSET
+    k = (bits >> 52) - (1023 + 54 if subnormal else 1023)
+    f = bits_to_float64((bits & _LOG_MANTISSA) + _LOG_SQRT_HALF_BITS) - 1.0
+    # k as a float without an int64 conversion (AVX2 has none): |k| < 2^51
+    dk = bits_to_float64(k + _INT_TO_F64_MAGIC) - _F64_SHIFTER
+    s = f / (2.0 + f)
+    z = s * s
+    w = z * z
+    t1 = w * (_F64_LG2 + w * (_F64_LG4 + w * _F64_LG6))
+    t2 = z * (_F64_LG1 + w * (_F64_LG3 + w * (_F64_LG5 + w * _F64_LG7)))
+    hfsq = 0.5 * f * f
+    result = dk * _F64_LN2_HI - ((hfsq - (s * (hfsq + t1 + t2) + dk * _F64_LN2_LO)) - f)
+    result = -np.inf if x == 0.0 else result
+    result = np.nan if x < 0.0 else result
+    return result if x < np.inf else x  # +inf and NaN are their own log
+
+
+def log(x):
+    """``log(x)`` in float64 (:func:`log64`); resolves at compile time inside kernels."""
+    return log64(np.float64(x))
+
+
+@overload(log, jit_options=JIT_OPTIONS)
+def _log_overload(x):
+    if isinstance(x, types.Float):
+        return lambda x: log64(np.float64(x))
     return None

@@ -125,7 +125,7 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
     if _is_small_class_rows(plan) and name in ("softmax", "log_softmax"):
         (source, destination) = plan.operands
         _launch(f"{name}_row_blocks", source.buffer, source.start, destination.buffer, destination.start,
-                plan.n_outer, plan.n_classes, in_place, half_format)
+                plan.n_outer, plan.n_classes, half_format)
     elif plan.is_rows:
         _launch(f"{name}_rows", *_kernel_args(plan), half_format, result.nbytes >= STREAM_MIN_BYTES)
     else:

@@ -26,12 +26,16 @@ HOT_LOOPS = [
     ("rowio", "scale_inplace"),
     ("rowio", "copy_scaled"),
     ("rowio", "stream_scaled"),
-    ("softmax", "exp_shifted_inplace"),
+    ("softmax", "columns_max"),
+    ("softmax", "columns_exp_inplace"),
+    ("softmax", "columns_sum_exp"),
+    ("softmax", "columns_lse"),
 ]
 
 SCRIPT = textwrap.dedent(
     """
-    import json, re
+    import json, math, re
+    import numba
     import numpy as np
     import fastsce
     from fastsce._kernels import rowio, softmax
@@ -39,21 +43,32 @@ SCRIPT = textwrap.dedent(
     rng = np.random.default_rng(0)
     fastsce.softmax(rng.standard_normal((64, 1000), dtype=np.float32))
     fastsce.log_softmax(rng.standard_normal((64, 1000), dtype=np.float32))
-    fastsce.softmax(rng.standard_normal((4096, 10), dtype=np.float32))
+    small = rng.standard_normal((4096, 10), dtype=np.float32)
+    fastsce.softmax(small), fastsce.log_softmax(small), fastsce.logsumexp(small)
     fastsce.cross_entropy_with_grad(rng.standard_normal((64, 1000), dtype=np.float32), np.zeros(64, np.int64))
     big = rng.standard_normal((5000, 1000), dtype=np.float32)  # above STREAM_MIN_BYTES
     fastsce.softmax(big, out=big)
+    @numba.njit
+    def control(a):  # libm's scalar exp and log: what the patterns below must catch
+        for i in range(a.size):
+            a[i] = math.exp(math.log(a[i]))
+
+    control(np.ones(4))
+    HOT_LOOPS.append(("control", "control"))
     packed = re.compile(r"\\bv(fmadd|fnmadd|fmsub|fnmsub)\\d+ps\\s.*%[yz]mm")
     report = {}
     for module, name in HOT_LOOPS:
-        dispatcher = getattr({"rowio": rowio, "softmax": softmax}[module], name)
-        float32_sigs = [s for s in dispatcher.signatures if "float32" in str(s[0])]
+        dispatcher = control if module == "control" else getattr({"rowio": rowio, "softmax": softmax}[module], name)
+        float32_sigs = [s for s in dispatcher.signatures if "float32" in str(s[0])] or dispatcher.signatures
         asm = dispatcher.inspect_asm(float32_sigs[0])
         report[name] = {
             "packed_fma": len(packed.findall(asm)),
             "packed_max": len(re.findall(r"\\bvmaxps\\s.*%[yz]mm", asm)),
             "packed_any": len(re.findall(r"\\bv\\w+ps\\s.*%[yz]mm", asm)),
-            "libm_exp": len(re.findall(r"\\b(expf|__expf_finite|exp)@", asm)),
+            # a libm call loads the symbol's address (`movabsq $exp, %r`) or calls it via the PLT
+            "libm_exp": len(re.findall(r"[$\\s](expf?|__expf?_finite)(@|\\b)", asm)),
+            "libm_log": len(re.findall(r"[$\\s](logf?|__logf?_finite)(@|\\b)", asm)),
+            "packed_div": len(re.findall(r"\\bvdivpd\\s.*%[yz]mm", asm)),
             "nontemporal": len(re.findall(r"\\bvmovntp[sd]\\s", asm)),
             "prefetch": len(re.findall(r"\\bprefetcht0\\s", asm)),
         }
@@ -72,15 +87,31 @@ def codegen(tmp_path_factory):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["exp_inplace", "row_sum_exp", "exp_shifted_inplace"])
+@pytest.mark.parametrize("name", ["exp_inplace", "row_sum_exp", "columns_exp_inplace", "columns_sum_exp"])
 def test_exp_loops_are_vectorized(codegen, name):
     """The exp polynomial runs as packed FMAs on ymm/zmm registers, never via libm."""
     assert codegen[name]["packed_fma"] >= 6, codegen[name]
     assert codegen[name]["libm_exp"] == 0, codegen[name]
 
 
+def test_libm_calls_are_detected(codegen):
+    """The patterns that rule out libm calls do find them in a loop that makes them."""
+    assert codegen["control"]["libm_exp"] >= 1 and codegen["control"]["libm_log"] >= 1, codegen["control"]
+
+
 def test_max_reduction_is_vectorized(codegen):
     assert codegen["copy_max"]["packed_max"] >= 1, codegen["copy_max"]
+
+
+def test_column_max_is_vectorized(codegen):
+    """np.maximum's NaN-propagating max: packed compares and blends rather than vmaxps."""
+    assert codegen["columns_max"]["packed_any"] >= 2, codegen["columns_max"]
+
+
+def test_per_row_logs_are_vectorized(codegen):
+    """Small-class rows take one log each: packed (log's division on ymm), never libm's."""
+    assert codegen["columns_lse"]["packed_div"] >= 1, codegen["columns_lse"]
+    assert codegen["columns_lse"]["libm_log"] == 0, codegen["columns_lse"]
 
 
 @pytest.mark.parametrize("name", ["scale_inplace", "copy_scaled", "stream_scaled"])

@@ -22,7 +22,6 @@ thread, so results are bitwise identical for every thread count.
 
 from __future__ import annotations
 
-import math
 
 import numba
 import numpy as np
@@ -33,6 +32,7 @@ from .._math import (
     UNSCALE,
     exp,
     exp_diff,
+    log,
     prefetch,
     scaled_exp_diff,
     scaled_exp_diff_rounded,
@@ -40,13 +40,13 @@ from .._math import (
 )
 from .rowio import (
     glue,
-    open_block,
+    load_tile,
     open_row,
     readable_row,
     row_max,
     row_scratch,
-    store_block,
     store_row,
+    store_tile,
     work_buffer,
 )
 
@@ -180,7 +180,7 @@ def lse_from_total(m, total):
     As torch: a ``+inf`` max gives ``+inf`` and an all ``-inf`` row ``-inf`` (``total`` is
     NaN for both); NaN stays NaN.
     """
-    return np.float64(m) if math.isinf(m) else m + math.log(np.float64(total))
+    return np.float64(m) if abs(m) == np.inf else m + log(np.float64(total))
 
 
 @reduction
@@ -193,7 +193,7 @@ def logsumexp_from_max(row, m, ahead):
 @reduction
 def log_softmax_row(row, m, ahead):
     """``row = log_softmax(row)`` in place, given ``m = max(row)``. Prefetches ``ahead``."""
-    log_total = row.dtype.type(math.log(row_sum_exp(row, m, ahead)))
+    log_total = row.dtype.type(log(row_sum_exp(row, m, ahead)))
     log_softmax_inplace(row, m, log_total)
 
 
@@ -403,65 +403,6 @@ def block_bounds(b, n_rows, rows_per_block):
     return lo, min(lo + rows_per_block, n_rows)
 
 
-@parallel
-def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place, half_format):
-    """Softmax of contiguous rows (``ld == n_cols``) with few classes, block by block."""
-    rows_per_block = block_rows(n_cols)
-    for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
-        lo, hi = block_bounds(b, n_rows, rows_per_block)
-        target, dst = open_block(x, x_start, out, out_start, lo, hi, n_cols, in_place, half_format)
-        per_row = np.empty(hi - lo, dst.dtype)
-        per_element = np.empty(dst.size, dst.dtype)
-        rows_max(dst, n_cols, per_row)
-        spread_rows(per_row, n_cols, per_element)
-        exp_shifted_inplace(dst, per_element)
-        rows_sum(dst, n_cols, per_row)
-        spread_rows(1.0 / per_row, n_cols, per_element)
-        multiply_elementwise(dst, per_element)
-        store_block(dst, target, half_format)
-
-
-@parallel
-def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, in_place, half_format):
-    """Log-softmax of contiguous rows (``ld == n_cols``) with few classes, block by block."""
-    rows_per_block = block_rows(n_cols)
-    for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
-        lo, hi = block_bounds(b, n_rows, rows_per_block)
-        target, dst = open_block(x, x_start, out, out_start, lo, hi, n_cols, in_place, half_format)
-        per_row = np.empty(hi - lo, dst.dtype)
-        shift = np.empty(dst.size, dst.dtype)
-        scratch = np.empty(dst.size, dst.dtype)
-        rows_max(dst, n_cols, per_row)
-        spread_rows(per_row, n_cols, shift)
-        copy_into(dst, scratch)
-        exp_shifted_inplace(scratch, shift)
-        rows_sum(scratch, n_cols, per_row)
-        spread_rows(np.log(per_row), n_cols, scratch)
-        log_softmax_elementwise(dst, shift, scratch)
-        store_block(dst, target, half_format)
-
-
-@parallel
-def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
-    """``out[i] = log Σ_j exp(x[i, j])`` for contiguous rows with few classes."""
-    rows_per_block = block_rows(n_cols)
-    for b in numba.prange((n_rows + rows_per_block - 1) // rows_per_block):
-        lo, hi = block_bounds(b, n_rows, rows_per_block)
-        bits_or_values = x[x_start + lo * n_cols : x_start + hi * n_cols]
-        src = readable_row(bits_or_values, work_buffer(x, bits_or_values.size), half_format)
-        maxima = np.empty(hi - lo, src.dtype)
-        sums = np.empty(hi - lo, src.dtype)
-        shift = np.empty(src.size, src.dtype)
-        scratch = np.empty(src.size, src.dtype)
-        rows_max(src, n_cols, maxima)
-        spread_rows(maxima, n_cols, shift)
-        copy_into(src, scratch)
-        exp_shifted_inplace(scratch, shift)
-        rows_sum(scratch, n_cols, sums)
-        for r in range(hi - lo):
-            out[lo + r] = lse_from_total(maxima[r], sums[r])
-
-
 # ------------------------------------------------------------- column primitives ----
 # A tile is `width` neighbouring columns of an (n_classes, ·) block; class c of the
 # tile starts at `base + c * stride`. Per-column accumulators are float64 arrays.
@@ -625,7 +566,7 @@ def log_softmax_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, 
         total = np.empty(width, np.float64)
         columns_max(out, ob, out_cs, n_classes, m)
         columns_sum_exp(out, ob, out_cs, n_classes, m, total)
-        columns_log_softmax_inplace(out, ob, out_cs, n_classes, m, np.log(total).astype(out.dtype))
+        columns_log_softmax_inplace(out, ob, out_cs, n_classes, m, logs_of(total, out))
 
 
 @parallel
@@ -671,3 +612,83 @@ def log_softmax_backward_columns(g, g_start, g_os, g_cs, ls, ls_start, ls_os, ls
         grad_sum = np.empty(width, np.float64)
         columns_sum(out, ob, out_cs, n_classes, grad_sum)
         columns_log_softmax_backward_inplace(out, ob, out_cs, ls, lb, ls_cs, n_classes, grad_sum.astype(out.dtype))
+
+
+# ----------------------------------------------------- small-class row kernels ----
+# Back-to-back rows with few classes (C < SMALL_CLASSES) are too short for vector loops
+# along a row. A block of rows is transposed into a (C, rows) tile instead, whose class
+# segments are long contiguous runs: the column primitives above then reduce over the
+# classes with one vector lane per row, and the result is transposed back.
+TILE_ELEMENTS = 4096  # 16 KB of float32: the tile stays in L1 between its passes
+
+
+@glue
+def tile_rows(n_cols):
+    """Rows per small-class tile: a multiple of 16 (whole vectors), at least 16."""
+    return max(16, TILE_ELEMENTS // n_cols // 16 * 16)
+
+
+@glue
+def open_tile(x, x_start, lo, hi, n_cols, like, half_format):
+    """Rows ``[lo, hi)`` of ``x`` transposed into a new tile (of ``row_scratch(like)``'s
+    dtype): ``(tile, column maxima)``."""
+    tile = row_scratch(like, (hi - lo) * n_cols)
+    load_tile(x[x_start + lo * n_cols : x_start + hi * n_cols], n_cols, tile, half_format)
+    m = np.empty(hi - lo, tile.dtype)
+    columns_max(tile, 0, hi - lo, n_cols, m)
+    return tile, m
+
+
+@reduction
+def columns_lse(m, total, out):
+    """``out[j] = lse_from_total(m[j], total[j])``, vectorized (see :func:`log`)."""
+    for j in range(out.size):
+        out[j] = lse_from_total(m[j], total[j])
+
+
+@reduction
+def logs_of(values, dtype_like):
+    """``log(values)`` (float64 :func:`log`) as an array of ``dtype_like``'s dtype."""
+    result = np.empty(values.size, dtype_like.dtype)
+    for j in range(values.size):
+        result[j] = log(values[j])
+    return result
+
+
+@parallel
+def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_format):
+    """Softmax of back-to-back rows (``ld == n_cols``) with few classes, tile by tile.
+    ``out`` may be ``x``: a tile is read whole before it is written."""
+    per_tile = tile_rows(n_cols)
+    for b in numba.prange((n_rows + per_tile - 1) // per_tile):
+        lo, hi = task_bounds(b, n_rows, per_tile)
+        tile, m = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
+        total = np.empty(hi - lo)
+        columns_exp_inplace(tile, 0, hi - lo, n_cols, m, total)
+        columns_scale_inplace(tile, 0, hi - lo, n_cols, (1.0 / total).astype(tile.dtype))
+        store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
+
+
+@parallel
+def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_format):
+    """Log-softmax of back-to-back rows with few classes; see :func:`softmax_row_blocks`."""
+    per_tile = tile_rows(n_cols)
+    for b in numba.prange((n_rows + per_tile - 1) // per_tile):
+        lo, hi = task_bounds(b, n_rows, per_tile)
+        tile, m = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
+        total = np.empty(hi - lo)
+        columns_sum_exp(tile, 0, hi - lo, n_cols, m, total)
+        columns_log_softmax_inplace(tile, 0, hi - lo, n_cols, m, logs_of(total, tile))
+        store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
+
+
+@parallel
+def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
+    """``out[i] = log Σ_j exp(x[i, j])`` for back-to-back rows with few classes."""
+    per_tile = tile_rows(n_cols)
+    for b in numba.prange((n_rows + per_tile - 1) // per_tile):
+        lo, hi = task_bounds(b, n_rows, per_tile)
+        tile, m = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
+        total = np.empty(hi - lo)
+        columns_sum_exp(tile, 0, hi - lo, n_cols, m, total)
+        columns_lse(m, total, out[lo:hi])
