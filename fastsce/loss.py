@@ -265,7 +265,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
                     weights, *smoothing_z, *outputs, half_format, stream)
         elif _back_to_back_few_classes(plan):
             _launch("hard_xent_row_blocks", x_op.buffer, x_op.start, g_op.buffer, g_op.start, n_rows, n_classes,
-                    in_place, with_grad, target_rows, ignore_index, weights, weight_sum, *smoothing_z, *outputs,
+                    with_grad, target_rows, ignore_index, weights, weight_sum, *smoothing_z, *outputs,
                     half_format)
         else:
             _launch("hard_xent_rows", x_op.buffer, x_op.start, x_op.outer_stride, g_op.buffer, g_op.start,

@@ -3,17 +3,19 @@
 Row kernels compute on a *working row*, a scratch row per task (float32 for
 float16/bfloat16 outputs, which arrive as uint16 bits), and write it out once, at the
 end; outputs bigger than the cache are *streamed* (non-temporal stores, see
-:func:`stream_scaled`). The small-class kernels compute in the destination itself
-(float outputs) or in a scratch block (16-bit ones).
+:func:`stream_scaled`). The small-class kernels compute on a block of rows transposed
+into a (classes, rows) tile.
 These helpers resolve at compile time from the array types (Numba overloads), so each
 kernel is written once and compiled per dtype:
 
 * :func:`row_scratch`: where a row kernel computes (a scratch row per task);
-  :func:`work_buffer`/:func:`working_row`: where the small-class kernels do;
+  :func:`work_buffer`: float32 scratch to decode a 16-bit source into;
 * :func:`load_row`: copy or decode the source into the working row, returning its max;
 * :func:`readable_row`: a read-only source as floats (decoded into scratch if 16-bit);
 * :func:`store_row`: write the working row out, encoded for a 16-bit destination,
-  streamed around the caches for a big one; :func:`store_block` for small-class blocks.
+  streamed around the caches for a big one;
+* :func:`load_tile`/:func:`store_tile`: back-to-back rows into a (classes, rows) tile
+  and back.
 
 The Python bodies are the same logic for ``NUMBA_DISABLE_JIT=1``.
 """
@@ -217,34 +219,18 @@ def _row_scratch(out, n):
     return lambda out, n: np.empty(n, out.dtype)
 
 
-def working_row(dst, work):
-    """The block a small-class kernel computes on: ``dst`` itself, or ``work`` for 16-bit ``dst``."""
-    return work if dst.dtype == np.uint16 else dst
-
-
-@overload(working_row, **_OVERLOAD)
-def _working_row(dst, work):
-    if _is_bits(dst):
-        return lambda dst, work: work
-    return lambda dst, work: dst
-
-
-def load_row(src, row, in_place, half_format):
-    """Bring ``src`` into the working ``row`` (unless already there); returns its max."""
+def load_row(src, row, half_format):
+    """Copy or decode ``src`` into the working ``row``; returns its max."""
     if src.dtype == np.uint16:
         return decode_max(src, row, half_format)
-    return row_max(row) if in_place else copy_max(src, row)
+    return copy_max(src, row)
 
 
 @overload(load_row, **_OVERLOAD)
-def _load_row(src, row, in_place, half_format):
+def _load_row(src, row, half_format):
     if _is_bits(src):
-        return lambda src, row, in_place, half_format: decode_max(src, row, half_format)
-
-    def load(src, row, in_place, half_format):
-        return row_max(row) if in_place else copy_max(src, row)
-
-    return load
+        return lambda src, row, half_format: decode_max(src, row, half_format)
+    return lambda src, row, half_format: copy_max(src, row)
 
 
 def readable_row(src, work, half_format):
@@ -297,20 +283,6 @@ def _store_row(row, dst, half_format, stream, factor=1.0):
     return store
 
 
-def store_block(block, dst, half_format):
-    """Write a small-class working ``block`` to a 16-bit ``dst``; nothing for float ``dst``
-    (it is ``block``)."""
-    if dst.dtype == np.uint16:
-        encode_into(block, dst, half_format, np.float32(1.0))
-
-
-@overload(store_block, **_OVERLOAD)
-def _store_block(block, dst, half_format):
-    if _is_bits(dst):
-        return lambda block, dst, half_format: encode_into(block, dst, half_format, np.float32(1.0))
-    return lambda block, dst, half_format: None
-
-
 def load_tile(src, n_cols, tile, half_format):
     """Back-to-back rows ``src`` (floats, or 16-bit bits) into the (n_cols, rows) ``tile``."""
     if src.dtype == np.uint16:
@@ -346,14 +318,5 @@ def _store_tile(tile, n_cols, dst, half_format):
 def open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, half_format, work):
     """Row ``i`` of ``x`` loaded into ``work`` (from :func:`row_scratch`): ``(destination
     row of out, max)``. ``out`` may be ``x`` (in place)."""
-    m = load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], work, False, half_format)
+    m = load_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], work, half_format)
     return out[out_start + i * out_ld : out_start + i * out_ld + n_cols], m
-
-
-@glue
-def open_block(x, x_start, out, out_start, lo, hi, n_cols, in_place, half_format):
-    """Back-to-back rows ``[lo, hi)`` ready to compute on: ``(destination, working block)``."""
-    dst = out[out_start + lo * n_cols : out_start + hi * n_cols]
-    block = working_row(dst, work_buffer(out, dst.size))
-    load_row(x[x_start + lo * n_cols : x_start + hi * n_cols], block, in_place, half_format)
-    return dst, block

@@ -29,29 +29,24 @@ import numpy as np
 
 from .rowio import (
     glue,
-    open_block,
+    load_tile,
     open_row,
     readable_row,
     row_max,
     row_scratch,
     scale_inplace,
-    store_block,
     store_row,
+    store_tile,
     work_buffer,
 )
 from .._math import UNSCALE, store_fence
 from .softmax import (
     exp_inplace,
-    exp_shifted_inplace,
     logsumexp_from_max,
     lse_from_total,
-    multiply_elementwise,
     next_row,
     parallel,
     reduction,
-    rows_max,
-    rows_sum,
-    spread_rows,
 )
 from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS, MIN_CHUNKS
 
@@ -305,89 +300,6 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
         store_fence()
 
 
-@parallel
-def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, in_place, with_grad,
-                         target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
-                         grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format):
-    """:func:`hard_xent_rows` for back-to-back rows with few classes (``ld == n_classes``).
-
-    One loss chunk of rows at a time: per-row max and sum over 8 rows side by side,
-    exp and the gradient's scaling as flat vector loops (see ``softmax.py``).
-    """
-    keep = 1.0 - smoothing
-    spread = smoothing / n_classes
-    dtype = weight.dtype.type
-    for k in numba.prange(chunk_count(n_rows)):
-        lo, hi = chunk_bounds(k, n_rows)
-        size = (hi - lo) * n_classes
-        if with_grad:
-            dst, block = open_block(x, x_start, out, out_start, lo, hi, n_classes, in_place, half_format)
-        else:
-            dst = out[:0]
-            src = x[x_start + lo * n_classes : x_start + lo * n_classes + size]
-            block = readable_row(src, work_buffer(x, size), half_format).copy()  # exp goes in place
-        maxima = np.empty(hi - lo, block.dtype)
-        rows_max(block, n_classes, maxima)
-        logits_t = np.zeros(hi - lo)
-        smooth_dots = np.zeros(hi - lo)
-        for r in range(hi - lo):
-            row = block[r * n_classes : (r + 1) * n_classes]
-            if row_argmax.size:
-                row_argmax[lo + r] = first_argmax(row, maxima[r])
-            t = target[lo + r]
-            if t != ignore_index:
-                logits_t[r] = row[t]
-                if smoothing != 0.0:
-                    smooth_dots[r] = row_dot_weights(row, weight)
-        per_element = np.empty(size, block.dtype)
-        spread_rows(maxima, n_classes, per_element)
-        exp_shifted_inplace(block, per_element)
-        sums = np.empty(hi - lo, block.dtype)
-        rows_sum(block, n_classes, sums)
-        loss_sum = 0.0
-        z_sum = 0.0
-        coefficients = np.zeros(hi - lo, block.dtype)
-        for r in range(hi - lo):
-            i = lo + r
-            t = target[i]
-            m = maxima[r]
-            lse = lse_from_total(m, sums[r])
-            loss = 0.0
-            if t != ignore_index:
-                w_t = np.float64(weight[t])
-                loss = hard_row_loss(lse, logits_t[r], w_t, smooth_dots[r], keep, spread, weight_sum)
-                loss_sum += loss
-                z_sum += lse * lse
-                loss += z_loss * lse * lse
-                g = _grad_rows_at(grad_rows, i) * grad_scale
-                coefficients[r] = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale,
-                                                      keep * w_t + spread * weight_sum, z_loss, lse, sums[r])
-            if row_loss.size:
-                row_loss[i] = loss
-            if row_lse.size:
-                row_lse[i] = lse
-        chunk_loss[k] = loss_sum
-        chunk_z[k] = z_sum
-        if not with_grad:
-            continue
-        spread_rows(coefficients, n_classes, per_element)
-        multiply_elementwise(block, per_element)
-        for r in range(hi - lo):
-            t = target[lo + r]
-            if t == ignore_index:
-                continue  # its coefficient is 0 and exp(x - m) finite, or NaN (then 0 below)
-            g = _grad_rows_at(grad_rows, lo + r) * grad_scale
-            row = block[r * n_classes : (r + 1) * n_classes]
-            if smoothing != 0.0:
-                for j in range(n_classes):
-                    row[j] -= dtype(g * spread) * weight[j]
-            row[t] -= dtype(g * keep * weight[t])
-        for r in range(hi - lo):
-            if target[lo + r] == ignore_index:
-                zero_inplace(block[r * n_classes : (r + 1) * n_classes])
-        store_block(block, dst, half_format)
-
-
 # --------------------------------------------------------------- column kernels ----
 # Classes strided, a contiguous `inner` axis: Fortran-ordered (N, C) logits, or
 # (N, C, d1, ...) with the classes on axis 1 (see fastsce._layout). As softmax.py's
@@ -402,6 +314,7 @@ def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, in_place
 # Imported here, not at the top, so that this section stands apart from the row kernels.
 from .softmax import (
     columns_exp_inplace,
+    columns_lse,
     columns_max,
     columns_scale_inplace,
     columns_sum_exp,
@@ -515,7 +428,7 @@ def columns_zero_where(x, base, stride, n_classes, ignored):
                 seg[j] = 0.0
 
 
-@numba.njit(**JIT_OPTIONS)
+@glue
 def record_row(r, loss, lse, argmax, row_loss, row_lse, row_argmax):
     """Store row ``r``'s results in the per-row outputs that were asked for (non-empty)."""
     if row_loss.size:
@@ -524,6 +437,71 @@ def record_row(r, loss, lse, argmax, row_loss, row_lse, row_argmax):
         row_lse[r] = lse
     if row_argmax.size:
         row_argmax[r] = argmax
+
+
+@glue
+def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad, target, ignore_index, weight,
+                   weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax):
+    """Rows ``r0 .. r0 + width`` of the class-index loss, held as a tile of ``width``
+    columns (class ``c`` of the tile at ``base + c·stride``): the per-row outputs, and
+    with ``with_grad`` the gradient, computed over the logits already copied into
+    ``out``'s tile. Returns the tile's sums of the loss and of ``lse²``."""
+    keep = 1.0 - smoothing
+    spread = smoothing / n_classes
+    dtype = weight.dtype.type
+    targets = target[r0 : r0 + width]
+    m = np.empty(width, x.dtype)
+    argmax = np.zeros(width if row_argmax.size else 0, np.int64)
+    logit_t = np.empty(width)
+    smooth_dot = np.empty(width)
+    total = np.empty(width)
+    if with_grad:  # exp(x - m) is written into the gradient's tile, then turned into it
+        columns_hard_terms(out, ob, out_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
+                           logit_t, smooth_dot)
+        columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
+    else:
+        columns_hard_terms(x, xb, x_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
+                           logit_t, smooth_dot)
+        columns_sum_exp(x, xb, x_cs, n_classes, m, total)
+    lse = np.empty(width)
+    columns_lse(m, total, lse)
+    a = np.zeros(width, dtype)
+    smooth_scale = np.zeros(width, dtype)
+    target_term = np.zeros(width, dtype)
+    loss_sum = 0.0
+    z_sum = 0.0
+    n_ignored = 0
+    for j in range(width):
+        r = r0 + j
+        t = targets[j]
+        loss = 0.0
+        if t != ignore_index:
+            w_t = np.float64(weight[t])
+            loss = hard_row_loss(lse[j], logit_t[j], w_t, smooth_dot[j], keep, spread, weight_sum)
+            loss_sum += loss
+            z_sum += lse[j] * lse[j]
+            loss += z_loss * lse[j] * lse[j]
+            if with_grad:
+                g = _grad_rows_at(grad_rows, r) * grad_scale
+                a[j] = softmax_coefficient(g, _grad_rows_at(grad_rows, r) * z_grad_scale,
+                                           keep * w_t + spread * weight_sum, z_loss, lse[j], total[j])
+                smooth_scale[j] = g * spread
+                target_term[j] = g * keep * w_t
+        else:
+            n_ignored += 1
+        record_row(r, loss, lse[j], argmax[j] if argmax.size else -1, row_loss, row_lse, row_argmax)
+    if with_grad:
+        if smoothing != 0.0:
+            columns_smoothed_grad_inplace(out, ob, out_cs, n_classes, a, smooth_scale, weight)
+        else:
+            columns_scale_inplace(out, ob, out_cs, n_classes, a)
+        for j in range(width):
+            t = targets[j]
+            if t != ignore_index:
+                out[ob + t * out_cs + j] -= target_term[j]
+        if n_ignored:
+            columns_zero_where(out, ob, out_cs, n_classes, targets == ignore_index)
+    return loss_sum, z_sum
 
 
 @parallel
@@ -537,70 +515,16 @@ def hard_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_
     index ``o``: the order of ``target``, ``grad_rows`` and the per-row outputs.
     ``chunk_loss[k]``/``chunk_z[k]`` are the sums over tile ``k``. float32/float64 only.
     """
-    keep = 1.0 - smoothing
-    spread = smoothing / n_classes
-    dtype = weight.dtype.type
     for k in numba.prange(tile_count(n_outer, n_inner, block)):
         o, j0, width = tile_of(k, n_inner, block)
-        r0 = o * n_inner + j0
         xb = x_start + o * x_os + j0
         ob = out_start + o * out_os + j0
-        targets = target[r0 : r0 + width]
-        m = np.empty(width, x.dtype)
-        argmax = np.zeros(width if row_argmax.size else 0, np.int64)
-        logit_t = np.empty(width)
-        smooth_dot = np.empty(width)
-        total = np.empty(width)
-        if with_grad:  # exp(x - m) is written into the gradient's tile, then turned into it
-            if not in_place:
-                copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
-            columns_hard_terms(out, ob, out_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
-                               logit_t, smooth_dot)
-            columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
-        else:
-            columns_hard_terms(x, xb, x_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
-                               logit_t, smooth_dot)
-            columns_sum_exp(x, xb, x_cs, n_classes, m, total)
-        a = np.zeros(width, dtype)
-        smooth_scale = np.zeros(width, dtype)
-        target_term = np.zeros(width, dtype)
-        loss_sum = 0.0
-        z_sum = 0.0
-        n_ignored = 0
-        for j in range(width):
-            r = r0 + j
-            t = targets[j]
-            lse = lse_from_total(m[j], total[j])
-            loss = 0.0
-            if t != ignore_index:
-                w_t = np.float64(weight[t])
-                loss = hard_row_loss(lse, logit_t[j], w_t, smooth_dot[j], keep, spread, weight_sum)
-                loss_sum += loss
-                z_sum += lse * lse
-                loss += z_loss * lse * lse
-                if with_grad:
-                    g = _grad_rows_at(grad_rows, r) * grad_scale
-                    a[j] = softmax_coefficient(g, _grad_rows_at(grad_rows, r) * z_grad_scale,
-                                               keep * w_t + spread * weight_sum, z_loss, lse, total[j])
-                    smooth_scale[j] = g * spread
-                    target_term[j] = g * keep * w_t
-            else:
-                n_ignored += 1
-            record_row(r, loss, lse, argmax[j] if argmax.size else -1, row_loss, row_lse, row_argmax)
-        chunk_loss[k] = loss_sum
-        chunk_z[k] = z_sum
-        if not with_grad:
-            continue
-        if smoothing != 0.0:
-            columns_smoothed_grad_inplace(out, ob, out_cs, n_classes, a, smooth_scale, weight)
-        else:
-            columns_scale_inplace(out, ob, out_cs, n_classes, a)
-        for j in range(width):
-            t = targets[j]
-            if t != ignore_index:
-                out[ob + t * out_cs + j] -= target_term[j]
-        if n_ignored:
-            columns_zero_where(out, ob, out_cs, n_classes, targets == ignore_index)
+        if with_grad and not in_place:
+            copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
+        chunk_loss[k], chunk_z[k] = hard_xent_tile(
+            x, xb, x_cs, out, ob, out_cs, n_classes, width, o * n_inner + j0, with_grad, target, ignore_index,
+            weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse,
+            row_argmax)
 
 
 @parallel
@@ -655,3 +579,25 @@ def soft_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, y,
         if with_grad:
             columns_soft_grad_inplace(out, ob, out_cs, y, yb, y_cs, n_classes, a, g_columns, weight, dtype(keep),
                                       dtype(spread))
+
+
+# ------------------------------------------------------ small-class row blocks ----
+@parallel
+def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, with_grad, target, ignore_index, weight,
+                         weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, chunk_loss, chunk_z,
+                         row_loss, row_lse, row_argmax, half_format):
+    """:func:`hard_xent_rows` for back-to-back rows with few classes (``ld == n_classes``).
+
+    Each loss chunk of rows is transposed into a (classes, rows) tile, computed there by
+    :func:`hard_xent_tile` with vector loops across the rows (as softmax.py's small-class
+    kernels), and the gradient transposed back into ``out`` (which may be ``x``).
+    """
+    for k in numba.prange(chunk_count(n_rows)):
+        lo, hi = chunk_bounds(k, n_rows)
+        tile = np.empty((hi - lo) * n_classes, weight.dtype)  # the compute dtype
+        load_tile(x[x_start + lo * n_classes : x_start + hi * n_classes], n_classes, tile, half_format)
+        chunk_loss[k], chunk_z[k] = hard_xent_tile(
+            tile, 0, hi - lo, tile, 0, hi - lo, n_classes, hi - lo, lo, with_grad, target, ignore_index, weight,
+            weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax)
+        if with_grad:
+            store_tile(tile, n_classes, out[out_start + lo * n_classes : out_start + hi * n_classes], half_format)
