@@ -936,3 +936,24 @@ def test_return_argmax_counts_nan_as_numpy_does(n_classes, order, with_grad):
     else:
         _, argmax = fastsce.cross_entropy(x, t, reduction="none", return_argmax=True)
     assert np.array_equal(argmax, np.argmax(x, axis=1))
+
+
+@pytest.mark.parametrize("n_classes", [1, 10, 63])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_small_classes_across_tiles(n_classes, dtype):
+    """Few classes: loss chunks go through (classes, rows) tiles. Many chunks, a ragged
+    last one, ignored rows, smoothing and weights, against the float64 reference."""
+    rng = np.random.default_rng(n_classes)
+    x = make_logits((4099, n_classes), dtype, rng)
+    t = make_target("hard", x, -1, rng, ignore_rows=(3, 4000))
+    w = rng.uniform(0.5, 2.0, n_classes).astype(dtype)
+    opts = options(w, "mean", 0.1, 1e-3)
+    loss, grad = fastsce.cross_entropy_with_grad(x, t, **opts)
+    assert_loss_close(loss, ref.cross_entropy_ref(x, t, **opts), dtype, "mean")
+    assert_loss_close(fastsce.cross_entropy(x, t, **opts), ref.cross_entropy_ref(x, t, **opts), dtype, "mean")
+    expected = ref.cross_entropy_grad_ref(x, t, **opts)
+    np.testing.assert_allclose(grad, expected, rtol=1e-4 if dtype == np.float32 else 1e-10,
+                               atol=1e-9 if dtype == np.float32 else 1e-16)
+    inplace = x.copy()
+    fastsce.cross_entropy_with_grad(inplace, t, **opts, inplace=True)
+    np.testing.assert_array_equal(inplace, grad)

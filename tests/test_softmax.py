@@ -1120,3 +1120,32 @@ def test_property_no_overflow_for_any_finite_input(data, dtype):
     lse = np.asarray(fastsce.logsumexp(x, axis=axis))
     assert np.all(np.isfinite(lse))
     assert_close_softmax(s, ref.softmax(x, axis), dtype)
+
+
+# ------------------------------------------------------ small-class row tiles ----
+def _several_tiles(n_classes: int) -> int:
+    """Rows spanning three small-class tiles, the last one ragged."""
+    from fastsce._kernels.softmax import TILE_ELEMENTS
+
+    return 2 * max(16, TILE_ELEMENTS // n_classes // 16 * 16) + 37
+
+
+@pytest.mark.parametrize("n_classes", [1, 2, 10, 63])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_small_classes_across_tiles(n_classes, dtype):
+    """Rows of few classes go through (classes, rows) tiles: several tiles and a ragged
+    last one, rows with NaN/inf and widely different maxima, in place and not."""
+    rng = np.random.default_rng(n_classes)
+    x = (rng.standard_normal((_several_tiles(n_classes), n_classes)) * 30).astype(dtype)
+    x[5] += 1e4  # a row whose max is far from its neighbours'
+    x[7, 0] = np.nan
+    x[9, -1] = np.inf
+    x[11] = -np.inf
+    with np.errstate(invalid="ignore"):
+        assert_close_softmax(fastsce.softmax(x), ref.softmax(x), dtype)
+        assert_close_log(fastsce.log_softmax(x), ref.log_softmax(x), dtype)
+        assert_close_log(fastsce.logsumexp(x), ref.logsumexp(x), dtype)
+        expected = fastsce.softmax(x)
+    y = x.copy()
+    assert fastsce.softmax(y, out=y) is y
+    np.testing.assert_array_equal(y, expected)
