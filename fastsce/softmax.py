@@ -95,12 +95,13 @@ def _class_flipped(arrays: list[np.ndarray], axis: int) -> tuple[list[np.ndarray
 
 
 def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.ndarray | None,
-                     out_dtype: np.dtype | None = None) -> np.ndarray:
+                     out_dtype: np.dtype | None = None, options: tuple[Any, ...] = ()) -> np.ndarray:
     """Run kernel family ``name`` over same-shape ``inputs`` into an output of that shape.
 
     ``out`` may be the first input itself (the kernels then work in place); any other
     overlap with an input is computed aside and copied. 16-bit arrays go to the row
     kernels as uint16 bits; for them any other layout is copied (in 16 bits) first.
+    ``options`` are passed last to the row and column kernels (``log_form`` of ``backward``).
     """
     like = inputs[0]
     out_dtype = like.dtype if out_dtype is None else out_dtype
@@ -127,9 +128,9 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
         _launch(f"{name}_row_blocks", source.buffer, source.start, destination.buffer, destination.start,
                 plan.n_outer, plan.n_classes, half_format)
     elif plan.is_rows:
-        _launch(f"{name}_rows", *_kernel_args(plan), half_format, result.nbytes >= STREAM_MIN_BYTES)
+        _launch(f"{name}_rows", *_kernel_args(plan), half_format, result.nbytes >= STREAM_MIN_BYTES, *options)
     else:
-        _launch(f"{name}_columns", *_kernel_args(plan), in_place)
+        _launch(f"{name}_columns", *_kernel_args(plan), in_place, *options)
     if not np.may_share_memory(target, result):
         computed = np.moveaxis(target, -1, axis) if moved else target
         np.copyto(result, np.flip(computed, axis) if flipped else computed)
@@ -271,7 +272,9 @@ def logsumexp(
     return float(result) if result.ndim == 0 else result
 
 
-def _backward(name: str, grad_output: ArrayLike, output: ArrayLike, axis: int, out: np.ndarray | None) -> np.ndarray:
+def _backward(log_form: bool, grad_output: ArrayLike, output: ArrayLike, axis: int,
+              out: np.ndarray | None) -> np.ndarray:
+    """The VJP of log-softmax (``log_form``, ``output`` = log-probabilities) or of softmax."""
     grad_output = np.asarray(grad_output)
     output = np.asarray(output)
     if grad_output.shape != output.shape:
@@ -285,7 +288,7 @@ def _backward(name: str, grad_output: ArrayLike, output: ArrayLike, axis: int, o
     axis = normalize_axis(axis, output.ndim)
     if out is not None:
         check_out(out, output.shape, dtype)
-    return _run_elementwise(name, [grad_output, output], axis, out)
+    return _run_elementwise("backward", [grad_output, output], axis, out, options=(log_form,))
 
 
 def softmax_backward(
@@ -309,7 +312,7 @@ def softmax_backward(
     ndarray
         The gradient with respect to the logits, in the common float dtype.
     """
-    return _backward("softmax_backward", grad_output, output, axis, out)
+    return _backward(False, grad_output, output, axis, out)
 
 
 def log_softmax_backward(
@@ -333,7 +336,7 @@ def log_softmax_backward(
     ndarray
         The gradient with respect to the logits, in the common float dtype.
     """
-    return _backward("log_softmax_backward", grad_output, output, axis, out)
+    return _backward(True, grad_output, output, axis, out)
 
 
 def softmax_jacobian(x: ArrayLike, axis: int = -1) -> np.ndarray:

@@ -266,36 +266,28 @@ def logsumexp_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format):
 
 
 @parallel
-def softmax_backward_rows(g, g_start, g_ld, s, s_start, s_ld, out, out_start, out_ld, n_rows, n_cols,
-                          half_format, stream):
-    """``out[i] = s[i] · (g[i] - Σ_j g[i, j] s[i, j])`` (``out`` may be ``g``)."""
+def backward_rows(g, g_start, g_ld, y, y_start, y_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream,
+                  log_form):
+    """The softmax-family VJP for each row (``out`` may be ``g``), from the forward output ``y``:
+
+    * ``log_form`` false, ``y = softmax``: ``out[i] = y[i] · (g[i] - Σ_j g[i, j] y[i, j])``;
+    * ``log_form`` true, ``y = log_softmax``: ``out[i] = g[i] - exp(y[i]) · Σ_j g[i, j]``.
+
+    One kernel for both keeps one compiled signature per dtype; the branch is per row,
+    outside the loops over the elements.
+    """
     per_task = task_size(n_rows)
     for task in numba.prange((n_rows + per_task - 1) // per_task):
         row = row_scratch(out, n_cols)
-        prob_work = work_buffer(s, n_cols)
+        forward_work = work_buffer(y, n_cols)
         lo, hi = task_bounds(task, n_rows, per_task)
         for i in range(lo, hi):
-            prob = readable_row(s[s_start + i * s_ld : s_start + i * s_ld + n_cols], prob_work, half_format)
+            forward = readable_row(y[y_start + i * y_ld : y_start + i * y_ld + n_cols], forward_work, half_format)
             dst, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, half_format, row)
-            softmax_backward_inplace(row, prob, row.dtype.type(row_dot(row, prob)))
-            store_row(row, dst, half_format, stream)
-        store_fence()
-
-
-@parallel
-def log_softmax_backward_rows(g, g_start, g_ld, ls, ls_start, ls_ld, out, out_start, out_ld, n_rows, n_cols,
-                              half_format, stream):
-    """``out[i] = g[i] - exp(ls[i]) · Σ_j g[i, j]`` (``out`` may be ``g``)."""
-    per_task = task_size(n_rows)
-    for task in numba.prange((n_rows + per_task - 1) // per_task):
-        row = row_scratch(out, n_cols)
-        log_prob_work = work_buffer(ls, n_cols)
-        lo, hi = task_bounds(task, n_rows, per_task)
-        for i in range(lo, hi):
-            log_prob = readable_row(ls[ls_start + i * ls_ld : ls_start + i * ls_ld + n_cols], log_prob_work,
-                                    half_format)
-            dst, _ = open_row(g, g_start, g_ld, out, out_start, out_ld, i, n_cols, half_format, row)
-            log_softmax_backward_inplace(row, log_prob, row.dtype.type(row_sum(row)))
+            if log_form:
+                log_softmax_backward_inplace(row, forward, row.dtype.type(row_sum(row)))
+            else:
+                softmax_backward_inplace(row, forward, row.dtype.type(row_dot(row, forward)))
             store_row(row, dst, half_format, stream)
         store_fence()
 
@@ -482,33 +474,23 @@ def logsumexp_columns(x, x_start, x_os, x_cs, out, n_outer, n_classes, n_inner, 
 
 
 @parallel
-def softmax_backward_columns(g, g_start, g_os, g_cs, s, s_start, s_os, s_cs, out, out_start, out_os, out_cs,
-                             n_outer, n_classes, n_inner, block, in_place):
-    """Softmax VJP along the classes of ``(n_outer, n_classes, n_inner)`` arrays."""
+def backward_columns(g, g_start, g_os, g_cs, y, y_start, y_os, y_cs, out, out_start, out_os, out_cs,
+                     n_outer, n_classes, n_inner, block, in_place, log_form):
+    """:func:`backward_rows` (``log_form`` as there) along the classes of
+    ``(n_outer, n_classes, n_inner)`` arrays; the branch is per tile."""
     for t in numba.prange(tile_count(n_outer, n_inner, block)):
         o, j0, width = tile_of(t, n_inner, block)
-        sb = s_start + o * s_os + j0
+        yb = y_start + o * y_os + j0
         ob = out_start + o * out_os + j0
         if not in_place:
             copy_tile(g, g_start + o * g_os + j0, g_cs, out, ob, out_cs, n_classes, width)
-        dot = np.empty(width, np.float64)
-        columns_dot(out, ob, out_cs, s, sb, s_cs, n_classes, dot)
-        columns_softmax_backward_inplace(out, ob, out_cs, s, sb, s_cs, n_classes, dot.astype(out.dtype))
-
-
-@parallel
-def log_softmax_backward_columns(g, g_start, g_os, g_cs, ls, ls_start, ls_os, ls_cs, out, out_start, out_os,
-                                 out_cs, n_outer, n_classes, n_inner, block, in_place):
-    """Log-softmax VJP along the classes of ``(n_outer, n_classes, n_inner)`` arrays."""
-    for t in numba.prange(tile_count(n_outer, n_inner, block)):
-        o, j0, width = tile_of(t, n_inner, block)
-        lb = ls_start + o * ls_os + j0
-        ob = out_start + o * out_os + j0
-        if not in_place:
-            copy_tile(g, g_start + o * g_os + j0, g_cs, out, ob, out_cs, n_classes, width)
-        grad_sum = np.empty(width, np.float64)
-        columns_sum(out, ob, out_cs, n_classes, grad_sum)
-        columns_log_softmax_backward_inplace(out, ob, out_cs, ls, lb, ls_cs, n_classes, grad_sum.astype(out.dtype))
+        reduced = np.empty(width, np.float64)  # Σ_c g·s, or Σ_c g
+        if log_form:
+            columns_sum(out, ob, out_cs, n_classes, reduced)
+            columns_log_softmax_backward_inplace(out, ob, out_cs, y, yb, y_cs, n_classes, reduced.astype(out.dtype))
+        else:
+            columns_dot(out, ob, out_cs, y, yb, y_cs, n_classes, reduced)
+            columns_softmax_backward_inplace(out, ob, out_cs, y, yb, y_cs, n_classes, reduced.astype(out.dtype))
 
 
 # ----------------------------------------------------- small-class row kernels ----
