@@ -358,17 +358,18 @@ if numba.config.DISABLE_JIT:
     def store_fence():  # noqa: F811
         pass
 
+    # The 16-bit casts run once per element: NumPy scalar views, not a 0-d array per call.
     def float16_bits_to_float32(bits):  # noqa: F811
-        return np.float32(np.array(bits, np.uint16).view(np.float16)[()])
+        return np.float32(np.uint16(bits).view(np.float16))
 
     def float32_to_float16_bits(value):  # noqa: F811
-        return np.array(np.float32(value).astype(np.float16)).view(np.uint16)[()]
+        return np.float16(np.float32(value)).view(np.uint16)  # the cast rounds to nearest even
 
     def bfloat16_bits_to_float32(bits):  # noqa: F811
-        return np.array(int(bits) << 16, np.uint32).view(np.float32)[()]
+        return np.uint32(int(bits) << 16).view(np.float32)
 
     def float32_to_bfloat16_bits(value):  # noqa: F811
-        bits = int(np.array(value, np.float32).view(np.uint32)[()])
+        bits = int(np.float32(value).view(np.uint32))
         if math.isnan(value):
             return np.uint16((bits >> 16) | 0x40)
         return np.uint16(((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) & 0xFFFF)
