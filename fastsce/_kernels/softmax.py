@@ -332,6 +332,25 @@ def columns_max(x, base, stride, n_classes, m):
         np.maximum(m, x[base + c * stride : base + c * stride + m.size], m)
 
 
+# The per-class loops are functions of their own: on fresh arguments LLVM vectorizes
+# them without the overlap checks and register pressure of the enclosing loop nest
+# (measured: 0.41 against 0.56 ns per element at 10 classes).
+@reduction
+def add_scaled_exp(seg, shift, part):
+    """``part += 2**EXP_SCALE_BITS · exp(seg - shift)`` (the terms of a sum: rounded ``x - m``)."""
+    for j in range(part.size):
+        part[j] += scaled_exp_diff_rounded(seg[j], shift[j])
+
+
+@reduction
+def exp_add_inplace(seg, shift, part):
+    """``seg = exp(seg - shift)`` and ``part += seg``."""
+    for j in range(part.size):
+        e = exp_diff(seg[j], shift[j])
+        seg[j] = e
+        part[j] += e
+
+
 @reduction
 def columns_sum_exp(x, base, stride, n_classes, shift, total):
     """``total[j] = Σ_c exp(x[c, j] - shift[j])``, given ``shift[j] = max_c x[c, j]``."""
@@ -340,9 +359,7 @@ def columns_sum_exp(x, base, stride, n_classes, shift, total):
     for first in range(0, n_classes, SUM_BLOCK):
         part[:] = 0.0
         for c in range(first, min(first + SUM_BLOCK, n_classes)):
-            seg = x[base + c * stride : base + c * stride + total.size]
-            for j in range(part.size):
-                part[j] += scaled_exp_diff_rounded(seg[j], shift[j])
+            add_scaled_exp(x[base + c * stride : base + c * stride + total.size], shift, part)
         for j in range(total.size):
             total[j] += part[j]
     for j in range(total.size):
@@ -357,11 +374,7 @@ def columns_exp_inplace(x, base, stride, n_classes, shift, total):
     for first in range(0, n_classes, SUM_BLOCK):
         part[:] = 0.0
         for c in range(first, min(first + SUM_BLOCK, n_classes)):
-            seg = x[base + c * stride : base + c * stride + total.size]
-            for j in range(part.size):
-                e = exp_diff(seg[j], shift[j])
-                seg[j] = e
-                part[j] += e
+            exp_add_inplace(x[base + c * stride : base + c * stride + total.size], shift, part)
         for j in range(total.size):
             total[j] += part[j]
 
