@@ -7,6 +7,9 @@ Every array arrives as a flat buffer with an element offset and strides (see
 * ``*_columns``: classes strided, a contiguous ``inner`` axis. A tile of neighbouring
   columns is reduced with vector operations along the contiguous axis, so ``axis=0``
   needs no transposed copy.
+* ``*_row_blocks``: back-to-back rows of few classes, too short for a vector loop each;
+  a block of them is transposed into a small (classes, rows) tile and computed there
+  by the column loops, one vector lane per row.
 
 Kernels that write an array first copy their source row (or tile) into the
 destination, then transform the destination in place with loops over one array.
@@ -21,7 +24,6 @@ thread, so results are bitwise identical for every thread count.
 """
 
 from __future__ import annotations
-
 
 import numba
 import numpy as np
