@@ -525,12 +525,12 @@ def tile_rows(n_cols):
 @glue
 def open_tile(x, x_start, lo, hi, n_cols, like, half_format):
     """Rows ``[lo, hi)`` of ``x`` transposed into a new tile (of ``row_scratch(like)``'s
-    dtype): ``(tile, column maxima)``."""
+    dtype): ``(tile, column maxima, float64 per-row scratch for the sums)``."""
     tile = row_scratch(like, (hi - lo) * n_cols)
     load_tile(x[x_start + lo * n_cols : x_start + hi * n_cols], n_cols, tile, half_format)
     m = np.empty(hi - lo, tile.dtype)
     columns_max(tile, 0, hi - lo, n_cols, m)
-    return tile, m
+    return tile, m, np.empty(hi - lo)
 
 
 @reduction
@@ -556,8 +556,7 @@ def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_format):
     per_tile = tile_rows(n_cols)
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
-        tile, m = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        total = np.empty(hi - lo)
+        tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
         columns_exp_inplace(tile, 0, hi - lo, n_cols, m, total)
         columns_scale_inplace(tile, 0, hi - lo, n_cols, (1.0 / total).astype(tile.dtype))
         store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
@@ -569,8 +568,7 @@ def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_form
     per_tile = tile_rows(n_cols)
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
-        tile, m = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        total = np.empty(hi - lo)
+        tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
         columns_sum_exp(tile, 0, hi - lo, n_cols, m, total)
         columns_log_softmax_inplace(tile, 0, hi - lo, n_cols, m, logs_of(total, tile))
         store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
@@ -582,7 +580,6 @@ def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
     per_tile = tile_rows(n_cols)
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
-        tile, m = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        total = np.empty(hi - lo)
+        tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
         columns_sum_exp(tile, 0, hi - lo, n_cols, m, total)
         columns_lse(m, total, out[lo:hi])
