@@ -346,11 +346,11 @@ def main(argv: list[str]) -> int:
     print(HEADER, flush=True)
     results = []
     for n, case in enumerate(cases, 1):
-        print(f"[{n}/{len(cases)}] {case.label} ...", end="\r", file=sys.stderr, flush=True)
+        show_progress(f"[{n}/{len(cases)}] {case.label} ...")
         results.append(run_case(case, repeats, not args.no_peers))
         print(format_row(results[-1]), flush=True)
     if args.linear or args.full:
-        print("[linear] linear_cross_entropy_with_grad ...", end="\r", file=sys.stderr, flush=True)
+        show_progress("[linear] linear_cross_entropy_with_grad ...")
         results.append(run_linear(min(repeats, 3), not args.no_peers))
         print(format_linear_row(results[-1]), flush=True)
     results += axis0_checks(results)
@@ -361,6 +361,15 @@ def main(argv: list[str]) -> int:
         with open(args.json, "w") as f:
             json.dump([{**asdict(r), "label": r.case.label} for r in results], f, indent=1)
     return 0
+
+
+def show_progress(text: str) -> None:
+    """What runs now, on stderr: on a terminal a line that the result row overwrites
+    (cleared first, as the row may be shorter); elsewhere (a log, a pipe) a line of its own."""
+    if sys.stderr.isatty():
+        print(f"\r\033[K{text}", end="\r", file=sys.stderr, flush=True)
+    else:
+        print(text, file=sys.stderr, flush=True)
 
 
 def axis0_checks(results: list[Result]) -> list[Result]:

@@ -483,6 +483,38 @@ def test_unwritable_numba_cache_dir_still_works(tmp_path):
     assert len(warnings_in(proc.stderr)) <= 1, proc.stderr
 
 
+FRESH_OR_CACHED = """
+import pickle, sys
+import fastsce
+from tests.test_reliability import _call, _cases
+cases = [c for c in _cases() if c[1][0].shape == (96, 700)]  # the row kernels
+with fastsce.threads(1):
+    results = [_call(c) for c in cases]
+pickle.dump(([c[0] for c in cases], results), sys.stdout.buffer)
+"""
+
+
+@needs_jit("the subprocesses compile kernels, then load them from the on-disk cache")
+def test_cached_kernels_give_the_bits_of_freshly_compiled_ones(tmp_path):
+    """The same kernel compiled in this process or loaded from the cache computes the same
+    bits. (A row loop that both stored its exps and summed them got another summation
+    order where LLVM optimized it a second time, linked into the parallel kernel: cached
+    and fresh softmax rows differed by an ulp on AVX-512.)"""
+    import pickle
+
+    env = child_env(NUMBA_CACHE_DIR=str(tmp_path / "cache"))
+    runs = []
+    for _ in ("fresh", "cached"):
+        proc = subprocess.run([sys.executable, "-c", FRESH_OR_CACHED], cwd=ROOT, env=env, capture_output=True,
+                              timeout=400, check=False)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        runs.append(pickle.loads(proc.stdout))
+    (names, fresh), (_, cached) = runs
+    assert len(names) >= 5
+    wrong = [name for name, a, b in zip(names, fresh, cached) if not _same(a, b)]
+    assert not wrong, f"results of freshly compiled and cached kernels differ: {wrong}"
+
+
 @needs_jit("the subprocess tests the on-disk cache of compiled kernels")
 def test_numba_cache_dir_is_honoured(tmp_path):
     """With NUMBA_CACHE_DIR set, compiled kernels are cached there and ``info`` says so."""

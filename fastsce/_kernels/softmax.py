@@ -113,16 +113,22 @@ def row_sum_exp(row, shift, ahead):
 @reduction
 def exp_inplace(row, shift, ahead):
     """``row = 2**EXP_SCALE_BITS · exp(row - shift)``; returns the new ``Σ row`` (so
-    scaled too) as float64. Prefetches ``ahead``."""
+    scaled too) as float64. Prefetches ``ahead``.
+
+    Each block is summed by a loop of its own, after its exps are stored: a loop that
+    both stores and sums got a different summation order wherever LLVM optimized it
+    again (a kernel freshly compiled and the same kernel loaded from the cache gave
+    different bits, AVX-512); a read-only sum keeps its order. The re-read hits L1.
+    """
     total = 0.0
     for start in range(0, row.size, SUM_BLOCK):
         prefetch_span(ahead, start, start + SUM_BLOCK)
         block = row[start : start + SUM_BLOCK]
+        for j in range(block.size):
+            block[j] = scaled_exp_diff(block[j], shift)
         part = row.dtype.type(0.0)
         for j in range(block.size):
-            e = scaled_exp_diff(block[j], shift)
-            block[j] = e
-            part += e
+            part += block[j]
         total += part
     return total
 
