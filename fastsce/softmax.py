@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
-from ._config import NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES, get_num_threads
+from ._config import NOT_16BIT, SMALL_CLASSES, get_num_threads, streams
 from ._validation import (
     as_float_array,
     check_out,
@@ -128,7 +128,8 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
         _launch(f"{name}_row_blocks", source.buffer, source.start, destination.buffer, destination.start,
                 plan.n_outer, plan.n_classes, half_format)
     elif plan.is_rows:
-        _launch(f"{name}_rows", *_kernel_args(plan), half_format, result.nbytes >= STREAM_MIN_BYTES, *options)
+        _launch(f"{name}_rows", *_kernel_args(plan), half_format,
+                streams(result.nbytes, plan.n_classes * result.itemsize), *options)
     else:
         _launch(f"{name}_columns", *_kernel_args(plan), in_place, *options)
     if not np.may_share_memory(target, result):

@@ -6,7 +6,7 @@ uncovered by measuring coverage in that mode.
   ``NUMBA_DISABLE_JIT=1``, so CI proves that the kernels still run as plain Python.
   The whole suite in that mode, with the coverage report, is ``tools/coverage_nojit.sh``.
 * Paths that coverage found untested (they run compiled in the normal suite too):
-  streamed stores (non-temporal, for outputs of at least ``STREAM_MIN_BYTES``), forced
+  streamed stores (non-temporal, for big outputs of long rows: ``_config.streams``), forced
   on small arrays by lowering the threshold, for every kernel that streams, against the
   float64 references; and ``_layout``'s refusal of arrays it cannot describe. The
   per-row ``return_lse`` of the cross-entropy row kernels is a case of
@@ -88,7 +88,7 @@ def stream_everything(monkeypatch):
     """Every float output takes the streamed-store path, whatever its size. Under
     NUMBA_DISABLE_JIT=1 the calls to the streaming loop are also counted."""
     for name in ("fastsce.softmax", "fastsce.loss"):
-        monkeypatch.setattr(importlib.import_module(name), "STREAM_MIN_BYTES", 0)
+        monkeypatch.setattr(importlib.import_module(name), "streams", lambda output_bytes, row_bytes: True)
     calls = []
     if NO_JIT:
         from fastsce._kernels import rowio
@@ -103,6 +103,18 @@ def stream_everything(monkeypatch):
     yield calls
     if NO_JIT:
         assert calls, "the streamed-store path was not taken"
+
+
+def test_only_big_outputs_of_long_rows_are_streamed():
+    """Streaming needs both: an output bigger than the caches, and rows long enough that
+    the non-temporal stores pay (short rows ran 2.5x slower streamed)."""
+    from fastsce._config import STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES, streams
+
+    assert streams(STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES)
+    assert streams(2**30, 2**20)
+    assert not streams(STREAM_MIN_BYTES - 1, 2**20)  # fits the caches: keep it there
+    assert not streams(2**30, STREAM_MIN_ROW_BYTES - 1)  # 512-byte rows of a 1 GB output
+    assert not streams(2**30, 128 * 4)
 
 
 # Row lengths (>= SMALL_CLASSES, so the row kernels) whose rows start at many offsets
