@@ -957,3 +957,87 @@ def test_small_classes_across_tiles(n_classes, dtype):
     inplace = x.copy()
     fastsce.cross_entropy_with_grad(inplace, t, **opts, inplace=True)
     np.testing.assert_array_equal(inplace, grad)
+
+
+# ------------------------------------------------------------------- long rows ----
+@pytest.fixture
+def short_segments(monkeypatch):
+    """Rows of more than 32 bytes take the long-row path of ``hard_xent_rows``, in
+    segments of 16 float32 (8 float64) elements; returns the segment lengths launched."""
+    import sys
+
+    module = sys.modules["fastsce.loss"]
+    monkeypatch.setattr(module, "LONG_ROW_BYTES", 32)
+    monkeypatch.setattr(module, "SEGMENT_BYTES", 64)
+    segments = []
+    launch = module._launch
+
+    def recorded(name, *args):
+        if name == "hard_xent_rows":
+            segments.append(args[-1])
+        return launch(name, *args)
+
+    monkeypatch.setattr(module, "_launch", recorded)
+    return segments
+
+
+def _long_rows(dtype, rng):
+    """101 classes (7 segments of 16 float32), targets in every segment, two ignored rows;
+    rows whose max sits far above the first segments, that open with all -inf segments,
+    that hold NaN in a later segment, whose max is in the first segment."""
+    x = make_logits((10, 101), dtype, rng)
+    x[0, 90] = 60.0
+    x[1, :50] = -np.inf
+    x[2, 77] = np.nan
+    x[3, 0] = 40.0
+    x[4, 30], x[4, 95] = 9.0, 9.0  # argmax: the first of two maxima, in another segment
+    t = np.array([90, 60, 5, 100, -100, 16, 15, 0, -100, 47], np.int64)
+    return x, t
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize(("weighted", "ls", "z"), [(False, 0.0, 0.0), (True, 0.1, 1e-3), (False, 0.2, 0.0)])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_long_rows_segment_by_segment(short_segments, dtype, weighted, ls, z, reduction):
+    """Loss, gradient, lse and argmax of long rows (reduced, then written, a segment at a
+    time) against the references; in place gives the same bits."""
+    rng = np.random.default_rng(41)
+    x, t = _long_rows(dtype, rng)
+    if reduction != "none":
+        x[2, 77] = 1.0  # the NaN row would make the whole loss NaN
+    if ls:
+        x[1, :50] = -80.0  # label smoothing makes the loss of a row with -inf logits +inf
+    w = make_weight(weighted, x.shape[1], dtype, rng)
+    opts = options(w, reduction, ls, z)
+    g = make_grad_output(reduction, (x.shape[0],), rng)
+    loss, grad, lse, argmax = fastsce.cross_entropy_with_grad(x, t, **opts, grad_output=g, return_lse=True,
+                                                              return_argmax=True)
+    assert_loss_close(loss, ref.cross_entropy_ref(x, t, **opts), dtype, reduction)
+    assert_grad_close(grad, ref.cross_entropy_grad_ref(x, t, **opts, grad_output=g), dtype)
+    assert np.all(grad[t == -100] == 0)
+    tol = 4e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(lse, ref.logsumexp(x, -1), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(argmax, np.argmax(x, axis=-1))
+    y = x.copy()
+    loss_inplace, grad_inplace = fastsce.cross_entropy_with_grad(y, t, **opts, grad_output=g, inplace=True)
+    assert grad_inplace is y
+    np.testing.assert_array_equal(grad_inplace, grad)
+    assert short_segments[0] == 64 // np.dtype(dtype).itemsize and short_segments[-1] > 0
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+def test_long_rows_segment_by_segment_16_bit(short_segments, half):
+    """16-bit long rows: the gradient equals the float32 computation rounded once."""
+    ml_dtypes = pytest.importorskip("ml_dtypes") if half == "bfloat16" else None
+    dtype = np.dtype(ml_dtypes.bfloat16) if ml_dtypes else np.dtype(np.float16)
+    x, t = _long_rows(np.float32, np.random.default_rng(42))
+    x16 = x.astype(dtype)
+    loss, grad = fastsce.cross_entropy_with_grad(x16, t, label_smoothing=0.1)
+    loss32, grad32 = fastsce.cross_entropy_with_grad(x16.astype(np.float32), t, label_smoothing=0.1)
+    assert grad.dtype == dtype
+    want = grad32.astype(dtype)
+    finite = ~np.isnan(want.astype(np.float32))
+    np.testing.assert_array_equal(grad.view(np.uint16)[finite], want.view(np.uint16)[finite])
+    assert np.array_equal(np.isnan(grad.astype(np.float32)), ~finite)
+    assert loss == pytest.approx(loss32, rel=1e-6, nan_ok=True)
+    assert short_segments == [16, 16]

@@ -7,6 +7,7 @@ Arrays are small: the first call of each kernel compiles, the rest runs in milli
 from __future__ import annotations
 
 import math
+import sys
 import tracemalloc
 
 import numba
@@ -152,6 +153,75 @@ def test_long_rows(name, dtype, rng):
     check(name, fn(name)(x), (x,), -1, dtype)
     xt = np.ascontiguousarray(x.T)  # classes strided: the column kernels
     check(name, fn(name)(xt, axis=0), (xt,), 0, dtype)
+
+
+@pytest.fixture
+def short_segments(monkeypatch):
+    """Rows of more than 32 bytes take the long-row kernels, in segments of 16 float32
+    (8 float64) elements; returns the names of the kernels launched."""
+    module = sys.modules["fastsce.softmax"]  # the module, not the function of that name
+    monkeypatch.setattr(module, "LONG_ROW_BYTES", 32)
+    monkeypatch.setattr(module, "SEGMENT_BYTES", 64)
+    launched = []
+    launch = module._launch
+
+    def recorded(name, *args):
+        launched.append(name)
+        return launch(name, *args)
+
+    monkeypatch.setattr(module, "_launch", recorded)
+    return launched
+
+
+def _segmented_rows(dtype, rng) -> np.ndarray:
+    """101 classes (7 segments of 16 float32, the last ragged), rows whose segments
+    disagree: the max far above the first segments (their sums are rescaled), leading
+    all -inf segments, all -inf, NaN or +inf in a later segment, the max in the first
+    segment, two halves 200 apart, all equal, plain."""
+    x = make_x("normal", (9, 101), dtype, rng)
+    x[0, 90] = 60.0
+    x[1, :50] = -np.inf
+    x[2] = -np.inf
+    x[3, 77] = np.nan
+    x[4, 99] = np.inf
+    x[5, 0] = 40.0
+    x[6, :50], x[6, 50:] = -100.0, 100.0
+    x[7] = 1.5
+    return x
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_long_rows_segment_by_segment(short_segments, name, dtype, rng):
+    """The long-row kernels (rows reduced a segment at a time, online-softmax merges, then
+    written a segment at a time) against the reference, in place and into a strided out."""
+    x = _segmented_rows(dtype, rng)
+    got = fn(name)(x)
+    check(name, got, (x,), -1, dtype)
+    assert np.isnan(got[[2, 3, 4]]).all() and not np.isnan(got[[0, 1, 5, 6, 7, 8]]).any()
+    y = x.copy()
+    assert fn(name)(y, out=y) is y
+    np.testing.assert_array_equal(y, got)  # in place: the same kernel, bit for bit
+    wide = np.zeros((9, 105), dtype)
+    fn(name)(x, out=wide[:, 3:104])
+    np.testing.assert_array_equal(wide[:, 3:104], got)
+    assert not wide[:, :3].any() and not wide[:, 104:].any()
+    assert short_segments == [f"{name}_long_rows"] * 3
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_long_rows_segment_by_segment_16_bit(short_segments, name, half):
+    """16-bit long rows: decoded a segment at a time, the float32 results rounded once."""
+    ml_dtypes = pytest.importorskip("ml_dtypes") if half == "bfloat16" else None
+    dtype = np.dtype(ml_dtypes.bfloat16) if ml_dtypes else np.dtype(np.float16)
+    x = _segmented_rows(np.float32, np.random.default_rng(5)).astype(dtype)
+    got = fn(name)(x)
+    assert got.dtype == dtype
+    want = fn(name)(x.astype(np.float32)).astype(dtype)
+    np.testing.assert_array_equal(got.view(np.uint16)[~np.isnan(want)], want.view(np.uint16)[~np.isnan(want)])
+    assert np.array_equal(np.isnan(got.astype(np.float32)), np.isnan(want.astype(np.float32)))
+    assert short_segments == [f"{name}_long_rows"] * 2
 
 
 @pytest.mark.parametrize("name", ALL)

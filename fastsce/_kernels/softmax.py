@@ -34,6 +34,7 @@ from .._math import (
     UNSCALE,
     exp,
     exp_diff,
+    fmaximum,
     log,
     prefetch,
     scaled_exp_diff,
@@ -42,6 +43,7 @@ from .._math import (
 )
 from .rowio import (
     glue,
+    load_row,
     load_tile,
     open_row,
     readable_row,
@@ -158,6 +160,13 @@ def row_dot(a, b):
             part += block_a[j] * block_b[j]
         total += part
     return total
+
+
+@elementwise
+def scaled_exp_inplace(row, shift):
+    """``row = 2**EXP_SCALE_BITS · exp(row - shift)``."""
+    for j in range(row.size):
+        row[j] = scaled_exp_diff(row[j], shift)
 
 
 @elementwise
@@ -297,6 +306,79 @@ def backward_rows(g, g_start, g_ld, y, y_start, y_ld, out, out_start, out_ld, n_
             else:
                 softmax_backward_inplace(row, forward, row.dtype.type(row_dot(row, forward)))
             store_row(row, dst, half_format, stream)
+        store_fence()
+
+
+# -------------------------------------------------------------- long-row kernels ----
+# A row whose working copy does not fit in L2 beside it (a million classes) would come
+# from L3 or memory on every pass. Such a row is reduced a segment at a time in one read
+# (online softmax: each segment's (max, Σ exp) merged into the row's by rescaling), then
+# computed and written a segment at a time in a second read, each segment's working copy
+# staying in L1/L2. The wrapper chooses these kernels from the row length (LONG_ROW_BYTES).
+@glue
+def merge_max_sum(m, total, m_part, total_part):
+    """``(max, Σ exp(x - max))`` of a row from those of its parts ``a`` and ``b``:
+    ``Σ = Σ_a·e^(m_a - m) + Σ_b·e^(m_b - m)`` with ``m = max(m_a, m_b)``, in float64.
+    A part of only ``-inf`` adds nothing (its own sum is NaN); NaN and ``+inf`` propagate
+    as in :func:`lse_from_total`."""
+    if m_part == -np.inf:
+        return m, total
+    merged = fmaximum(m, m_part)
+    kept = total if m == merged else total * exp(m - merged)
+    return merged, kept + (total_part if m_part == merged else total_part * exp(m_part - merged))
+
+
+@glue
+def long_row_max_sum(src, segment, half_format, weight):
+    """``(max, Σ exp(src - max), Σ weight·src)`` (float64) of a long row, read once,
+    ``segment`` elements at a time (the next one prefetched while one is summed); the
+    weighted sum (the cross-entropy's label smoothing) only for a non-empty ``weight``."""
+    m = -np.inf
+    total = 0.0
+    weighted = 0.0
+    for start in range(0, src.size, segment):
+        part = src[start : start + segment]
+        values = readable_row(part, work_buffer(src, part.size), half_format)
+        m_part = row_max(values)
+        part_total = row_sum_exp(values, m_part, src[start + segment : start + 2 * segment])
+        m, total = merge_max_sum(m, total, np.float64(m_part), part_total)
+        if weight.size:
+            weighted += row_dot(weight[start : start + part.size], values)
+    return m, total, weighted
+
+
+@parallel
+def softmax_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream, segment):
+    """:func:`softmax_rows` for long rows (one per task): reduced by
+    :func:`long_row_max_sum`, then written ``segment`` elements at a time (``out`` may be
+    ``x``: a segment is read before it is written, after the whole row was reduced)."""
+    for i in numba.prange(n_rows):
+        src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
+        dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
+        m, total, _ = long_row_max_sum(src, segment, half_format, row_scratch(out, 0))
+        factor = UNSCALE / total  # exp_inplace's exps carry 2**EXP_SCALE_BITS
+        for start in range(0, n_cols, segment):
+            part = row_scratch(out, min(segment, n_cols - start))
+            load_row(src[start : start + segment], part, half_format)
+            scaled_exp_inplace(part, part.dtype.type(m))
+            store_row(part, dst[start : start + segment], half_format, stream, factor)
+        store_fence()
+
+
+@parallel
+def log_softmax_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream,
+                          segment):
+    """:func:`log_softmax_rows` for long rows; see :func:`softmax_long_rows`."""
+    for i in numba.prange(n_rows):
+        src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
+        dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
+        m, total, _ = long_row_max_sum(src, segment, half_format, row_scratch(out, 0))
+        log_total = log(total)
+        for start in range(0, n_cols, segment):
+            part = row_scratch(out, min(segment, n_cols - start))
+            load_row(src[start : start + segment], part, half_format)
+            log_softmax_inplace(part, part.dtype.type(m), part.dtype.type(log_total))
+            store_row(part, dst[start : start + segment], half_format, stream)
         store_fence()
 
 

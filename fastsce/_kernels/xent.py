@@ -29,6 +29,7 @@ import numpy as np
 
 from .rowio import (
     glue,
+    load_row,
     load_tile,
     open_row,
     readable_row,
@@ -43,10 +44,12 @@ from .._math import UNSCALE, store_fence
 from .softmax import (
     exp_inplace,
     logsumexp_from_max,
+    long_row_max_sum,
     lse_from_total,
     next_row,
     parallel,
     reduction,
+    scaled_exp_inplace,
 )
 from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS, MIN_CHUNKS
 
@@ -162,6 +165,36 @@ def zero_inplace(row):
 
 
 @glue
+def long_row_first_argmax(src, m, segment, half_format):
+    """:func:`first_argmax` of a long row whose max is ``m`` (NaN if the row holds NaN),
+    a segment at a time."""
+    for start in range(0, src.size, segment):
+        part = src[start : start + segment]
+        values = readable_row(part, work_buffer(src, part.size), half_format)
+        for j in range(values.size):
+            if values[j] == m or (m != m and values[j] != values[j]):
+                return start + j
+    return 0
+
+
+@glue
+def long_row_grad(src, dst, m, a, smooth_scale, target_term, t, weight, smoothed, segment, half_format, stream):
+    """``dst = exp(src - m)·a - smooth_scale·weight - target_term·onehot(t)`` for a long
+    row (see softmax.py's long-row kernels), computed and written a segment at a time."""
+    for start in range(0, src.size, segment):
+        part = row_scratch(dst, min(segment, src.size - start))
+        load_row(src[start : start + segment], part, half_format)
+        scaled_exp_inplace(part, part.dtype.type(m))
+        if smoothed:
+            smoothed_grad_inplace(part, a, smooth_scale, weight[start : start + part.size])
+        else:
+            scale_inplace(part, a)
+        if start <= t < start + part.size:
+            part[t - start] -= target_term
+        store_row(part, dst[start : start + segment], half_format, stream)
+
+
+@glue
 def hard_row_loss(lse, x_t, w_t, smooth_dot, keep, spread, weight_sum):
     """``(1-ε)·w_t·(lse - x_t) + ε/C·(W·lse - Σ_c w_c x_c)`` for a counted row."""
     return keep * w_t * (lse - x_t) + spread * (weight_sum * lse - smooth_dot)
@@ -182,7 +215,7 @@ def _grad_rows_at(grad_rows, i):
 @parallel
 def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, with_grad,
                    target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
-                   grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format, stream):
+                   grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format, stream, segment):
     """Cross-entropy with class-index targets for each row; see the module docstring.
 
     ``with_grad``: write the gradient into ``out`` (which may be ``x``).
@@ -191,6 +224,9 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
     ``chunk_loss``/``chunk_z``: per-chunk sums of the weighted loss and of ``lse²``
     over the rows that count. 16-bit logits arrive as uint16 bits (``half_format``).
     ``stream``: compute gradient rows in scratch and stream them out (see ``rowio``).
+    ``segment`` > 0 (long rows): the gradient rows are reduced, then written, that many
+    elements at a time (see softmax.py's long-row kernels); loss-only rows need one read
+    either way.
     """
     keep = 1.0 - smoothing
     spread = smoothing / n_classes
@@ -206,7 +242,20 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
             t = target[i]
             valid = t != ignore_index
             x_t = smooth_dot = w_t = 0.0
-            if with_grad and valid:
+            if with_grad and valid and segment:
+                dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
+                m, total, smooth_dot = long_row_max_sum(src, segment, half_format,
+                                                        weight if smoothing != 0.0 else weight[:0])
+                argmax = long_row_first_argmax(src, m, segment, half_format) if row_argmax.size else -1
+                x_t = np.float64(readable_row(src[t : t + 1], work_buffer(src, 1), half_format)[0])
+                lse = lse_from_total(m, total)
+                w_t = np.float64(weight[t])
+                g = _grad_rows_at(grad_rows, i) * grad_scale
+                a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, keep * w_t + spread * weight_sum,
+                                        z_loss, lse, total / UNSCALE)  # exp_inplace's exps are scaled
+                long_row_grad(src, dst, m, dtype(a), dtype(g * spread), dtype(g * keep * w_t), t, weight,
+                              smoothing != 0.0, segment, half_format, stream)
+            elif with_grad and valid:
                 dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, half_format, row)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 x_t = np.float64(row[t])
