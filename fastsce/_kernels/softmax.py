@@ -112,6 +112,35 @@ def row_sum_exp(row, shift, ahead):
     return total * UNSCALE
 
 
+# Rows up to this many classes are reduced two at a time: one loop over both rows gives
+# the core two independent chains, which hides the latency of each row's reductions
+# (measured, logsumexp on one core: 262144 x 128 26 -> 13 ms, 1000 classes -15%, 2048
+# classes +9%). Kernels that also write the rows pair fewer (log_softmax: 128 classes
+# 16 -> 9.5 ms on two cores, 256 even, 512 and 1000 slower: two rows in flight lose the
+# next row's prefetch).
+PAIR_MAX_CLASSES = 1024
+PAIR_MAX_WRITTEN_CLASSES = 256
+
+
+@reduction
+def pair_sum_exp(a, shift_a, b, shift_b):
+    """``(Σ exp(a - shift_a), Σ exp(b - shift_b))`` as float64 for two rows of one length,
+    in one loop; otherwise as :func:`row_sum_exp`."""
+    total_a = 0.0
+    total_b = 0.0
+    for start in range(0, a.size, SUM_BLOCK):
+        block_a = a[start : start + SUM_BLOCK]
+        block_b = b[start : start + SUM_BLOCK]
+        part_a = a.dtype.type(0.0)
+        part_b = a.dtype.type(0.0)
+        for j in range(block_a.size):
+            part_a += scaled_exp_diff_rounded(block_a[j], shift_a)
+            part_b += scaled_exp_diff_rounded(block_b[j], shift_b)
+        total_a += part_a
+        total_b += part_b
+    return total_a * UNSCALE, total_b * UNSCALE
+
+
 @reduction
 def exp_inplace(row, shift, ahead):
     """``row = 2**EXP_SCALE_BITS · exp(row - shift)``; returns the new ``Σ row`` (so
@@ -262,11 +291,23 @@ def log_softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, h
     per_task = task_size(n_rows)
     for task in numba.prange((n_rows + per_task - 1) // per_task):
         row = row_scratch(out, n_cols)
+        row_b = row_scratch(out, n_cols if n_cols <= PAIR_MAX_WRITTEN_CLASSES else 0)
         lo, hi = task_bounds(task, n_rows, per_task)
-        for i in range(lo, hi):
+        i = lo
+        while i < hi:
             dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, half_format, row)
-            log_softmax_row(row, m, next_row(x, x_start, x_ld, i, n_rows, n_cols))
-            store_row(row, dst, half_format, stream)
+            if i + 1 < hi and n_cols <= PAIR_MAX_WRITTEN_CLASSES:  # rows i and i + 1 together
+                dst_b, m_b = open_row(x, x_start, x_ld, out, out_start, out_ld, i + 1, n_cols, half_format, row_b)
+                total, total_b = pair_sum_exp(row, m, row_b, m_b)
+                log_softmax_inplace(row, m, row.dtype.type(log(total)))
+                log_softmax_inplace(row_b, m_b, row.dtype.type(log(total_b)))
+                store_row(row, dst, half_format, stream)
+                store_row(row_b, dst_b, half_format, stream)
+                i += 2
+            else:
+                log_softmax_row(row, m, next_row(x, x_start, x_ld, i, n_rows, n_cols))
+                store_row(row, dst, half_format, stream)
+                i += 1
         store_fence()
 
 
@@ -276,10 +317,23 @@ def logsumexp_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format):
     per_task = task_size(n_rows)
     for task in numba.prange((n_rows + per_task - 1) // per_task):
         work = work_buffer(x, n_cols)
+        work_b = work_buffer(x, n_cols)
         lo, hi = task_bounds(task, n_rows, per_task)
-        for i in range(lo, hi):
+        i = lo
+        while i < hi:
             values = readable_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], work, half_format)
-            out[i] = logsumexp_from_max(values, row_max(values), next_row(x, x_start, x_ld, i, n_rows, n_cols))
+            m = row_max(values)
+            if i + 1 < hi and n_cols <= PAIR_MAX_CLASSES:  # rows i and i + 1 together
+                values_b = readable_row(x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_cols], work_b,
+                                        half_format)
+                m_b = row_max(values_b)
+                total, total_b = pair_sum_exp(values, m, values_b, m_b)
+                out[i] = lse_from_total(m, total)
+                out[i + 1] = lse_from_total(m_b, total_b)
+                i += 2
+            else:
+                out[i] = logsumexp_from_max(values, m, next_row(x, x_start, x_ld, i, n_rows, n_cols))
+                i += 1
 
 
 @parallel
