@@ -42,11 +42,13 @@ from .rowio import (
 )
 from .._math import UNSCALE, store_fence
 from .softmax import (
+    PAIR_MAX_CLASSES,
     exp_inplace,
     logsumexp_from_max,
     long_row_max_sum,
     lse_from_total,
     next_row,
+    pair_sum_exp,
     parallel,
     reduction,
     scaled_exp_inplace,
@@ -235,6 +237,11 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
         lo, hi = chunk_bounds(k, n_rows)
         row = row_scratch(out, n_classes if with_grad else 0)
         values_work = work_buffer(x, n_classes)
+        # Loss only, up to PAIR_MAX_CLASSES: each row's lse is computed with the next row's.
+        pairs = not with_grad and n_classes <= PAIR_MAX_CLASSES
+        values_work_b = work_buffer(x, n_classes if pairs else 0)
+        paired_lse = False
+        next_lse = 0.0
         loss_sum = 0.0
         z_sum = 0.0
         for i in range(lo, hi):
@@ -276,8 +283,20 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 values = readable_row(src, values_work, half_format)
                 m = row_max(values)
                 argmax = first_argmax(values, m) if row_argmax.size else -1
-                ahead = next_row(x, x_start, x_ld, i, n_rows, n_classes)
-                lse = logsumexp_from_max(values, m, ahead) if valid or row_lse.size else 0.0
+                if paired_lse:  # computed with row i - 1's
+                    lse = next_lse
+                    paired_lse = False
+                elif pairs and i + 1 < hi:  # loss only: every row comes here; rows i and i + 1 together
+                    values_b = readable_row(x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_classes],
+                                            values_work_b, half_format)
+                    m_b = row_max(values_b)
+                    total, total_b = pair_sum_exp(values, m, values_b, m_b)
+                    lse = lse_from_total(m, total)
+                    next_lse = lse_from_total(m_b, total_b)
+                    paired_lse = True
+                else:
+                    ahead = next_row(x, x_start, x_ld, i, n_rows, n_classes)
+                    lse = logsumexp_from_max(values, m, ahead) if valid or row_lse.size else 0.0
                 if valid:
                     x_t = np.float64(values[t])
                     smooth_dot = row_dot_weights(values, weight) if smoothing != 0.0 else 0.0
