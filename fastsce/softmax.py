@@ -131,7 +131,8 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
         stream = streams(result.nbytes, plan.n_classes * result.itemsize)
         work_itemsize = max(4, result.itemsize)  # 16-bit rows are computed in float32
         if name in ("softmax", "log_softmax") and plan.n_classes * work_itemsize > LONG_ROW_BYTES:
-            _launch(f"{name}_long_rows", *_kernel_args(plan), half_format, stream, SEGMENT_BYTES // work_itemsize)
+            _launch("forward_long_rows", *_kernel_args(plan), half_format, stream, SEGMENT_BYTES // work_itemsize,
+                    name == "log_softmax")
         else:
             _launch(f"{name}_rows", *_kernel_args(plan), half_format, stream, *options)
     else:

@@ -402,37 +402,28 @@ def long_row_max_sum(src, segment, half_format, weight):
 
 
 @parallel
-def softmax_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream, segment):
-    """:func:`softmax_rows` for long rows (one per task): reduced by
-    :func:`long_row_max_sum`, then written ``segment`` elements at a time (``out`` may be
-    ``x``: a segment is read before it is written, after the whole row was reduced)."""
+def forward_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream, segment,
+                      log_form):
+    """:func:`softmax_rows` (``log_form`` false) or :func:`log_softmax_rows` (true) for long
+    rows, one per task: reduced by :func:`long_row_max_sum`, then computed and written
+    ``segment`` elements at a time (``out`` may be ``x``: a segment is read before it is
+    written, and only after the whole row was reduced). One kernel for both keeps one
+    compiled signature per dtype; the branch is per segment, outside the element loops."""
     for i in numba.prange(n_rows):
         src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
         m, total, _ = long_row_max_sum(src, segment, half_format, row_scratch(out, 0))
-        factor = UNSCALE / total  # exp_inplace's exps carry 2**EXP_SCALE_BITS
-        for start in range(0, n_cols, segment):
-            part = row_scratch(out, min(segment, n_cols - start))
-            load_row(src[start : start + segment], part, half_format)
-            scaled_exp_inplace(part, part.dtype.type(m))
-            store_row(part, dst[start : start + segment], half_format, stream, factor)
-        store_fence()
-
-
-@parallel
-def log_softmax_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream,
-                          segment):
-    """:func:`log_softmax_rows` for long rows; see :func:`softmax_long_rows`."""
-    for i in numba.prange(n_rows):
-        src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
-        dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        m, total, _ = long_row_max_sum(src, segment, half_format, row_scratch(out, 0))
+        factor = UNSCALE / total  # scaled_exp_inplace's exps carry 2**EXP_SCALE_BITS
         log_total = log(total)
         for start in range(0, n_cols, segment):
             part = row_scratch(out, min(segment, n_cols - start))
             load_row(src[start : start + segment], part, half_format)
-            log_softmax_inplace(part, part.dtype.type(m), part.dtype.type(log_total))
-            store_row(part, dst[start : start + segment], half_format, stream)
+            if log_form:
+                log_softmax_inplace(part, part.dtype.type(m), part.dtype.type(log_total))
+                store_row(part, dst[start : start + segment], half_format, stream)
+            else:
+                scaled_exp_inplace(part, part.dtype.type(m))
+                store_row(part, dst[start : start + segment], half_format, stream, factor)
         store_fence()
 
 
