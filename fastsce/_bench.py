@@ -269,24 +269,30 @@ def copy_limit(case: Case) -> float:
     return 2.5 if case.classes < 128 else 1.5
 
 
-def run_case(case: Case, repeats: int, peers: bool) -> Result:
+def time_case(case: Case, repeats: int) -> Result:
+    """fastsce and ``np.copyto`` of the same array, measured side by side."""
     x, target = make_data(case)
     out = np.empty_like(x)
     copy_s = best_time(lambda: np.copyto(out, x), repeats)
     fastsce_s = best_time(fastsce_call(case.op, x, target, case.axis, out), repeats)
     result = Result(case, fastsce_s, copy_s)
     result.targets["copy"] = fastsce_s <= copy_limit(case) * copy_s
-    if peers:
-        result.numpy_s = best_time(numpy_reference(case.op, x, target, case.axis), max(2, repeats // 2))
-        result.targets["numpy x5"] = result.numpy_s >= 5 * fastsce_s
-        for name, factory in (("torch", torch_reference), ("jax", jax_reference)):
-            if case.axis == 0 and case.op.startswith("cross"):
-                continue
-            fn = factory(case.op, x, target, case.axis)
-            if fn is not None:
-                result.peers_s[name] = best_time(fn, repeats)
-                result.targets[name] = result.peers_s[name] > fastsce_s
     return result
+
+
+def time_peers(result: Result, repeats: int) -> None:
+    """NumPy, torch and JAX on the case of ``result`` (the same data, regenerated)."""
+    case = result.case
+    x, target = make_data(case)
+    result.numpy_s = best_time(numpy_reference(case.op, x, target, case.axis), max(2, repeats // 2))
+    result.targets["numpy x5"] = result.numpy_s >= 5 * result.fastsce_s
+    for name, factory in (("torch", torch_reference), ("jax", jax_reference)):
+        if case.axis == 0 and case.op.startswith("cross"):
+            continue
+        fn = factory(case.op, x, target, case.axis)
+        if fn is not None:
+            result.peers_s[name] = best_time(fn, repeats)
+            result.targets[name] = result.peers_s[name] > result.fastsce_s
 
 
 def format_row(r: Result) -> str:
@@ -348,11 +354,20 @@ def main(argv: list[str]) -> int:
     cases = cases_for(FULL_SHAPES if args.full else QUICK_SHAPES, ops, dtypes, args.full)
     print(f"fastsce {fastsce.__version__}, {fastsce.get_num_threads()} threads, {len(cases)} cases", flush=True)
     print(HEADER, flush=True)
+    # fastsce and the copy first, every case, before any peer has run in this process:
+    # torch's and JAX's thread pools keep spinning after their calls and took up to 40%
+    # of the two cores from the fastsce timings that followed them.
     results = []
     for n, case in enumerate(cases, 1):
-        show_progress(f"[{n}/{len(cases)}] {case.label} ...")
-        results.append(run_case(case, repeats, not args.no_peers))
-        print(format_row(results[-1]), flush=True)
+        show_progress(f"[{n}/{len(cases)}] {case.label}: fastsce and copy ...")
+        results.append(time_case(case, repeats))
+        if args.no_peers:
+            print(format_row(results[-1]), flush=True)
+    if not args.no_peers:
+        for n, result in enumerate(results, 1):
+            show_progress(f"[{n}/{len(cases)}] {result.case.label}: NumPy, torch, JAX ...")
+            time_peers(result, repeats)
+            print(format_row(result), flush=True)
     if args.linear or args.full:
         show_progress("[linear] linear_cross_entropy_with_grad ...")
         results.append(run_linear(min(repeats, 3), not args.no_peers))
