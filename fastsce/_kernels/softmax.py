@@ -317,7 +317,7 @@ def logsumexp_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format):
     per_task = task_size(n_rows)
     for task in numba.prange((n_rows + per_task - 1) // per_task):
         work = work_buffer(x, n_cols)
-        work_b = work_buffer(x, n_cols)
+        work_b = work_buffer(x, n_cols if n_cols <= PAIR_MAX_CLASSES else 0)  # the pair's second row
         lo, hi = task_bounds(task, n_rows, per_task)
         i = lo
         while i < hi:
