@@ -69,6 +69,12 @@ SMALL_CLASSES = 64
 LONG_ROW_BYTES = 512 * 1024
 SEGMENT_BYTES = 16 * 1024
 
+
+def long_row_segment(n_classes: int, work_itemsize: int) -> int:
+    """Elements per segment for rows whose working copy (``work_itemsize`` bytes per
+    element) exceeds LONG_ROW_BYTES, or 0 for rows that are computed whole."""
+    return SEGMENT_BYTES // work_itemsize if n_classes * work_itemsize > LONG_ROW_BYTES else 0
+
 # Rows per chunk of the cross-entropy's loss sums: fixed, so that the order of the
 # float64 additions (and so "mean"/"sum" to the last bit) does not depend on threads.
 CHUNK_ROWS = 256

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._config import LONG_ROW_BYTES, NOT_16BIT, SEGMENT_BYTES, SMALL_CLASSES, loss_chunk_rows, streams
+from ._config import NOT_16BIT, SMALL_CLASSES, long_row_segment, loss_chunk_rows, streams
 from ._layout import Operand, Plan, aligned_copy, plan_layout, require_plan
 from ._validation import (
     as_float_array,
@@ -268,10 +268,10 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
                     with_grad, target_rows, ignore_index, weights, weight_sum, *smoothing_z, *outputs,
                     half_format)
         else:
-            long_rows = n_classes * weights.itemsize > LONG_ROW_BYTES  # weights: the compute dtype
             _launch("hard_xent_rows", x_op.buffer, x_op.start, x_op.outer_stride, g_op.buffer, g_op.start,
                     g_op.outer_stride, n_rows, n_classes, with_grad, target_rows, ignore_index, weights, weight_sum,
-                    *smoothing_z, *outputs, half_format, stream, SEGMENT_BYTES // weights.itemsize if long_rows else 0)
+                    *smoothing_z, *outputs, half_format, stream,
+                    long_row_segment(n_classes, weights.itemsize))  # weights: the compute dtype
     elif with_grad and grad_target.size:
         grad_target.fill(0.0)  # no classes or no rows: nothing to differentiate
 

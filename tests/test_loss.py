@@ -967,8 +967,9 @@ def short_segments(monkeypatch):
     import sys
 
     module = sys.modules["fastsce.loss"]
-    monkeypatch.setattr(module, "LONG_ROW_BYTES", 32)
-    monkeypatch.setattr(module, "SEGMENT_BYTES", 64)
+    config = sys.modules["fastsce._config"]  # read by _config.long_row_segment at each call
+    monkeypatch.setattr(config, "LONG_ROW_BYTES", 32)
+    monkeypatch.setattr(config, "SEGMENT_BYTES", 64)
     segments = []
     launch = module._launch
 

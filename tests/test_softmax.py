@@ -160,8 +160,9 @@ def short_segments(monkeypatch):
     """Rows of more than 32 bytes take the long-row kernels, in segments of 16 float32
     (8 float64) elements; returns the names of the kernels launched."""
     module = sys.modules["fastsce.softmax"]  # the module, not the function of that name
-    monkeypatch.setattr(module, "LONG_ROW_BYTES", 32)
-    monkeypatch.setattr(module, "SEGMENT_BYTES", 64)
+    config = sys.modules["fastsce._config"]  # read by _config.long_row_segment at each call
+    monkeypatch.setattr(config, "LONG_ROW_BYTES", 32)
+    monkeypatch.setattr(config, "SEGMENT_BYTES", 64)
     launched = []
     launch = module._launch
 

@@ -259,7 +259,7 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, keep * w_t + spread * weight_sum,
-                                        z_loss, lse, total / UNSCALE)  # exp_inplace's exps are scaled
+                                        z_loss, lse, total / UNSCALE)  # long_row_grad's exps are scaled
                 long_row_grad(src, dst, m, dtype(a), dtype(g * spread), dtype(g * keep * w_t), t, weight,
                               smoothing != 0.0, segment, half_format, stream)
             elif with_grad and valid:
