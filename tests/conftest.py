@@ -174,3 +174,12 @@ def jacobian_scale(s_last) -> np.ndarray:
 def rng() -> np.random.Generator:
     """A fresh, fixed-seed generator per test."""
     return np.random.default_rng(20240611)
+
+
+def tiny_long_rows(monkeypatch) -> None:
+    """Rows of more than 32 bytes count as long (_config.long_row_segment), in segments of
+    16 float32 (8 float64) elements: the long-row kernels on small test arrays."""
+    import fastsce._config as config
+
+    monkeypatch.setattr(config, "LONG_ROW_BYTES", 32)
+    monkeypatch.setattr(config, "SEGMENT_BYTES", 64)

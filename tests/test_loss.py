@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 import fastsce
 from tests import reference as ref
-from tests.conftest import FLOAT_DTYPES, jit_or_pure, needs_two_threads
+from tests.conftest import FLOAT_DTYPES, jit_or_pure, needs_two_threads, tiny_long_rows
 
 REDUCTIONS = ("mean", "sum", "none")
 LOSS_RTOL = {np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}
@@ -967,9 +967,7 @@ def short_segments(monkeypatch):
     import sys
 
     module = sys.modules["fastsce.loss"]
-    config = sys.modules["fastsce._config"]  # read by _config.long_row_segment at each call
-    monkeypatch.setattr(config, "LONG_ROW_BYTES", 32)
-    monkeypatch.setattr(config, "SEGMENT_BYTES", 64)
+    tiny_long_rows(monkeypatch)
     segments = []
     launch = module._launch
 

@@ -31,6 +31,7 @@ from tests.conftest import (
     jit_or_pure,
     log_softmax_backward_scale,
     softmax_backward_scale,
+    tiny_long_rows,
 )
 
 FORWARD = ("softmax", "log_softmax", "logsumexp")
@@ -160,9 +161,7 @@ def short_segments(monkeypatch):
     """Rows of more than 32 bytes take the long-row kernels, in segments of 16 float32
     (8 float64) elements; returns the names of the kernels launched."""
     module = sys.modules["fastsce.softmax"]  # the module, not the function of that name
-    config = sys.modules["fastsce._config"]  # read by _config.long_row_segment at each call
-    monkeypatch.setattr(config, "LONG_ROW_BYTES", 32)
-    monkeypatch.setattr(config, "SEGMENT_BYTES", 64)
+    tiny_long_rows(monkeypatch)
     launched = []
     launch = module._launch
 
