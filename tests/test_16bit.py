@@ -63,7 +63,7 @@ def test_backward_matches_float32_rounded_once(name, dtype, rng):
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
 @pytest.mark.parametrize("soft", [False, True])
-@pytest.mark.parametrize("classes", [10, 1000])
+@pytest.mark.parametrize("classes", [10, 130, 1000])  # row blocks, paired rows, single rows
 def test_cross_entropy_matches_float32(dtype, soft, classes, rng):
     rows = jit_or_pure(300, 30)
     x = logits((rows, classes), dtype, rng)

@@ -23,6 +23,8 @@ HOT_LOOPS = [
     ("rowio", "copy_max"),
     ("softmax", "exp_inplace"),
     ("softmax", "row_sum_exp"),
+    ("softmax", "pair_sum_exp"),
+    ("softmax", "pair_exp_inplace"),
     ("rowio", "scale_inplace"),
     ("rowio", "copy_scaled"),
     ("rowio", "stream_scaled"),
@@ -46,6 +48,8 @@ SCRIPT = textwrap.dedent(
     small = rng.standard_normal((4096, 10), dtype=np.float32)
     fastsce.softmax(small), fastsce.log_softmax(small), fastsce.logsumexp(small)
     fastsce.cross_entropy_with_grad(rng.standard_normal((64, 1000), dtype=np.float32), np.zeros(64, np.int64))
+    paired = rng.standard_normal((64, 128), dtype=np.float32)  # rows in pairs
+    fastsce.logsumexp(paired), fastsce.cross_entropy_with_grad(paired, np.zeros(64, np.int64))
     big = rng.standard_normal((1280, 4096), dtype=np.float32)  # streamed: 20 MB of 16 KB rows
     fastsce.softmax(big, out=big)
     @numba.njit
@@ -87,7 +91,9 @@ def codegen(tmp_path_factory):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("name", ["exp_inplace", "row_sum_exp", "columns_exp_inplace", "columns_sum_exp"])
+@pytest.mark.parametrize(
+    "name", ["exp_inplace", "row_sum_exp", "pair_sum_exp", "pair_exp_inplace", "columns_exp_inplace", "columns_sum_exp"]
+)
 def test_exp_loops_are_vectorized(codegen, name):
     """The exp polynomial runs as packed FMAs on ymm/zmm registers, never via libm."""
     assert codegen[name]["packed_fma"] >= 6, codegen[name]

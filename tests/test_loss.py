@@ -752,6 +752,44 @@ def test_return_lse_and_argmax(dtype, kind, shape_axis):
         check(lse_expected, argmax)
 
 
+# ------------------------------------------------------ gradient rows in pairs ----
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("classes", [64, 100, 256, 257])  # paired up to 256 classes; 257 not
+def test_gradient_rows_in_pairs(dtype, classes):
+    """Rows of the gradient kernel are exponentiated two at a time when both count. Ignored
+    rows break pairs at every offset, chunks have an odd row count (67 rows: chunks of 4,
+    the last of 3), and a NaN row and a row with a masked (-inf) class must not leak into
+    their partners."""
+    rng = np.random.default_rng(23)
+    n_rows = 67
+    x = make_logits((n_rows, classes), dtype, rng, scale=4.0)
+    x[9, 5] = np.nan
+    x[20, 7] = -np.inf
+    ignored = [1, 2, 6, 13, 14, 15, 30, 33, 66]
+    t = make_target("hard", x, -1, rng, ignore_rows=ignored)
+    t[20] = 8  # not the masked class: a finite loss
+    w = make_weight(True, classes, dtype, rng)
+    g = make_grad_output("none", (n_rows,), rng)
+    for smoothing, z_loss in [(0.0, 0.0), (0.1, 1e-3)]:
+        opts = options(w, "none", smoothing, z_loss)
+        loss, grad, lse, argmax = fastsce.cross_entropy_with_grad(
+            x, t, **opts, grad_output=g, return_lse=True, return_argmax=True
+        )
+        # (with label smoothing, the masked class makes row 20's loss +inf)
+        assert_loss_close_cond(loss, ref.cross_entropy_ref(x, t, **opts), loss_condition(x, t, **opts), dtype, "none")
+        assert_grad_close(grad, ref.cross_entropy_grad_ref(x, t, **opts, grad_output=g), dtype)
+        np.testing.assert_array_equal(argmax, np.argmax(x, axis=-1))
+        tol = 4e-6 if dtype == np.float32 else 1e-13
+        np.testing.assert_allclose(lse, ref.logsumexp(x, -1), rtol=tol, atol=tol)
+        # Each row as computed alone (a one-row call has no partner).
+        for i in [0, 3, 4, 5, 9, 10, 20, 21, 65]:
+            one_loss, one_grad = fastsce.cross_entropy_with_grad(x[i : i + 1], t[i : i + 1], **opts,
+                                                                 grad_output=g[i : i + 1])
+            np.testing.assert_allclose(loss[i], one_loss[0], rtol=LOSS_RTOL[np.dtype(dtype)], equal_nan=True)
+            assert_grad_close(grad[i : i + 1], one_grad.astype(np.float64), dtype)
+        assert np.all(grad[ignored] == 0)
+
+
 # ---------------------------------------------------------------------- nll_loss ----
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("weighted", [False, True])

@@ -93,6 +93,7 @@ def _cases():
         ("logsumexp", (x_small,), {}),
         ("logsumexp", (x_cols,), {"axis": 1}),
         ("cross_entropy_with_grad", (x_rows, t_rows), {"label_smoothing": 0.1, "z_loss": 1e-3}),
+        ("cross_entropy_with_grad", (x_rows[:, :200], np.where(t_rows < 0, t_rows, t_rows % 200)), {}),  # gradient rows in pairs
         ("cross_entropy_with_grad", (x_small, p), {"reduction": "sum"}),
         ("cross_entropy", (x_rows, t_rows), {"reduction": "none"}),
     ]
@@ -487,7 +488,7 @@ FRESH_OR_CACHED = """
 import pickle, sys
 import fastsce
 from tests.test_reliability import _call, _cases
-cases = [c for c in _cases() if c[1][0].shape == (96, 700)]  # the row kernels
+cases = [c for c in _cases() if c[1][0].shape[0] == 96]  # the row kernels
 with fastsce.threads(1):
     results = [_call(c) for c in cases]
 pickle.dump(([c[0] for c in cases], results), sys.stdout.buffer)

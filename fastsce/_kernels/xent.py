@@ -43,11 +43,13 @@ from .rowio import (
 from .._math import UNSCALE, store_fence
 from .softmax import (
     PAIR_MAX_CLASSES,
+    PAIR_MAX_WRITTEN_CLASSES,
     exp_inplace,
     logsumexp_from_max,
     long_row_max_sum,
     lse_from_total,
     next_row,
+    pair_exp_inplace,
     pair_sum_exp,
     parallel,
     reduction,
@@ -143,6 +145,13 @@ def first_argmax(row, m):
     return 0
 
 
+@glue
+def pre_exp_terms(row, m, t, weight, smoothing, with_argmax):
+    """What a gradient row needs from its logits before they become exps: ``(argmax or -1,
+    x_t, Σ_c w_c·x_c or 0 without label smoothing)``."""
+    argmax = first_argmax(row, m) if with_argmax else -1
+    smooth_dot = row_dot_weights(row, weight) if smoothing != 0.0 else 0.0
+    return argmax, np.float64(row[t]), smooth_dot
 
 
 @elementwise
@@ -242,6 +251,12 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
         values_work_b = work_buffer(x, n_classes if pairs else 0)
         paired_lse = False
         next_lse = 0.0
+        # Gradients, up to PAIR_MAX_WRITTEN_CLASSES: two counted rows exponentiated together.
+        pair_grads = with_grad and not segment and n_classes <= PAIR_MAX_WRITTEN_CLASSES
+        row_b = row_scratch(out, n_classes if pair_grads else 0)
+        paired_exps = False
+        m_b = total_b = x_t_b = smooth_dot_b = 0.0
+        argmax_b = -1
         loss_sum = 0.0
         z_sum = 0.0
         for i in range(lo, hi):
@@ -263,22 +278,35 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 long_row_grad(src, dst, m, dtype(a), dtype(g * spread), dtype(g * keep * w_t), t, weight,
                               smoothing != 0.0, segment, half_format, stream)
             elif with_grad and valid:
-                dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, half_format, row)
-                argmax = first_argmax(row, m) if row_argmax.size else -1
-                x_t = np.float64(row[t])
-                smooth_dot = row_dot_weights(row, weight) if smoothing != 0.0 else 0.0
-                total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))  # scaled
+                dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
+                if paired_exps:  # row i was loaded and exponentiated with row i - 1, into row_b
+                    work, m, total, argmax, x_t, smooth_dot = row_b, m_b, total_b, argmax_b, x_t_b, smooth_dot_b
+                    paired_exps = False
+                else:
+                    work = row
+                    m = load_row(src, row, half_format)
+                    argmax, x_t, smooth_dot = pre_exp_terms(row, m, t, weight, smoothing, row_argmax.size)
+                    t_b = target[i + 1] if pair_grads and i + 1 < hi else ignore_index
+                    if t_b != ignore_index:  # rows i and i + 1 together
+                        m_b = load_row(x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_classes], row_b,
+                                       half_format)
+                        argmax_b, x_t_b, smooth_dot_b = pre_exp_terms(row_b, m_b, t_b, weight, smoothing,
+                                                                      row_argmax.size)
+                        total, total_b = pair_exp_inplace(row, m, row_b, m_b)  # scaled
+                        paired_exps = True
+                    else:
+                        total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))  # scaled
                 lse = lse_from_total(m, total * UNSCALE)
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, keep * w_t + spread * weight_sum,
                                         z_loss, lse, total)
                 if smoothing != 0.0:
-                    smoothed_grad_inplace(row, dtype(a), dtype(g * spread), weight)
+                    smoothed_grad_inplace(work, dtype(a), dtype(g * spread), weight)
                 else:
-                    scale_inplace(row, dtype(a))
-                row[t] -= dtype(g * keep * w_t)
-                store_row(row, dst, half_format, stream)
+                    scale_inplace(work, dtype(a))
+                work[t] -= dtype(g * keep * w_t)
+                store_row(work, dst, half_format, stream)
             else:
                 values = readable_row(src, values_work, half_format)
                 m = row_max(values)
