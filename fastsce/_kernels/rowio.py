@@ -9,6 +9,7 @@ These helpers resolve at compile time from the array types (Numba overloads), so
 kernel is written once and compiled per dtype:
 
 * :func:`row_scratch`: where a row kernel computes (a scratch row per task);
+  :func:`exact_exps`: whether its exps take ``x - max`` exactly (not for 16-bit outputs);
   :func:`work_buffer`: float32 scratch to decode a 16-bit source into;
 * :func:`load_row`: copy or decode the source into the working row, returning its max;
 * :func:`readable_row`: a read-only source as floats (decoded into scratch if 16-bit);
@@ -99,13 +100,6 @@ def encode_into(values, bits, half_format, factor):
     else:
         for j in range(bits.size):
             bits[j] = float32_to_bfloat16_bits(np.float32(values[j] * factor))
-
-
-@_elementwise
-def scale_inplace(row, factor):
-    """``row *= factor``."""
-    for j in range(row.size):
-        row[j] = row[j] * factor
 
 
 @_elementwise
@@ -217,6 +211,18 @@ def _row_scratch(out, n):
     if _is_bits(out):
         return lambda out, n: np.empty(n, np.float32)
     return lambda out, n: np.empty(n, out.dtype)
+
+
+def exact_exps(out):
+    """Whether a kernel writing ``out`` takes ``x - max`` exactly in its exps (see
+    softmax.exp_inplace): not for a 16-bit ``out``, whose rounding hides the difference."""
+    return out.dtype != np.uint16
+
+
+@overload(exact_exps, **_OVERLOAD)
+def _exact_exps(out):
+    exact = not _is_bits(out)
+    return lambda out: exact
 
 
 def load_row(src, row, half_format):

@@ -42,6 +42,7 @@ from .._math import (
     store_fence,
 )
 from .rowio import (
+    exact_exps,
     glue,
     load_row,
     load_tile,
@@ -143,9 +144,11 @@ def pair_sum_exp(a, shift_a, b, shift_b):
 
 
 @reduction
-def exp_inplace(row, shift, ahead):
+def exp_inplace(row, shift, ahead, exact):
     """``row = 2**EXP_SCALE_BITS · exp(row - shift)``; returns the new ``Σ row`` (so
-    scaled too) as float64. Prefetches ``ahead``.
+    scaled too) as float64. Prefetches ``ahead``. ``exact``: take ``row - shift``
+    exactly (see :func:`scaled_exp_diff`); false for results rounded to 16 bits, where
+    the rounded difference's error (below 1e-5 relative) is invisible.
 
     Each block is summed by a loop of its own, after its exps are stored: a loop that
     both stores and sums got a different summation order wherever LLVM optimized it
@@ -156,8 +159,7 @@ def exp_inplace(row, shift, ahead):
     for start in range(0, row.size, SUM_BLOCK):
         prefetch_span(ahead, start, start + SUM_BLOCK)
         block = row[start : start + SUM_BLOCK]
-        for j in range(block.size):
-            block[j] = scaled_exp_diff(block[j], shift)
+        scaled_exp_inplace(block, shift, exact)
         part = row.dtype.type(0.0)
         for j in range(block.size):
             part += block[j]
@@ -166,7 +168,7 @@ def exp_inplace(row, shift, ahead):
 
 
 @reduction
-def pair_exp_inplace(a, shift_a, b, shift_b):
+def pair_exp_inplace(a, shift_a, b, shift_b, exact):
     """:func:`exp_inplace` of two rows of one length in one loop (no prefetch: the pair is
     its own latency cover); returns both new sums."""
     total_a = 0.0
@@ -174,9 +176,14 @@ def pair_exp_inplace(a, shift_a, b, shift_b):
     for start in range(0, a.size, SUM_BLOCK):
         block_a = a[start : start + SUM_BLOCK]
         block_b = b[start : start + SUM_BLOCK]
-        for j in range(block_a.size):
-            block_a[j] = scaled_exp_diff(block_a[j], shift_a)
-            block_b[j] = scaled_exp_diff(block_b[j], shift_b)
+        if exact:
+            for j in range(block_a.size):
+                block_a[j] = scaled_exp_diff(block_a[j], shift_a)
+                block_b[j] = scaled_exp_diff(block_b[j], shift_b)
+        else:
+            for j in range(block_a.size):
+                block_a[j] = scaled_exp_diff_rounded(block_a[j], shift_a)
+                block_b[j] = scaled_exp_diff_rounded(block_b[j], shift_b)
         part_a = a.dtype.type(0.0)
         part_b = a.dtype.type(0.0)
         for j in range(block_a.size):
@@ -215,10 +222,15 @@ def row_dot(a, b):
 
 
 @elementwise
-def scaled_exp_inplace(row, shift):
-    """``row = 2**EXP_SCALE_BITS · exp(row - shift)``."""
-    for j in range(row.size):
-        row[j] = scaled_exp_diff(row[j], shift)
+def scaled_exp_inplace(row, shift, exact):
+    """``row = 2**EXP_SCALE_BITS · exp(row - shift)``, ``row - shift`` taken exactly or
+    (``exact`` false, see :func:`exp_inplace`) rounded."""
+    if exact:
+        for j in range(row.size):
+            row[j] = scaled_exp_diff(row[j], shift)
+    else:
+        for j in range(row.size):
+            row[j] = scaled_exp_diff_rounded(row[j], shift)
 
 
 @elementwise
@@ -303,7 +315,7 @@ def softmax_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_
         lo, hi = task_bounds(task, n_rows, per_task)
         for i in range(lo, hi):
             dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_cols, half_format, row)
-            total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_cols))
+            total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_cols), exact_exps(out))
             store_row(row, dst, half_format, stream, 1.0 / total)  # the softmax's division, on the way out
         store_fence()
 
@@ -445,7 +457,7 @@ def forward_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, 
                 log_softmax_inplace(part, part.dtype.type(m), part.dtype.type(log_total))
                 store_row(part, dst[start : start + segment], half_format, stream)
             else:
-                scaled_exp_inplace(part, part.dtype.type(m))
+                scaled_exp_inplace(part, part.dtype.type(m), exact_exps(out))
                 store_row(part, dst[start : start + segment], half_format, stream, factor)
         store_fence()
 

@@ -28,6 +28,7 @@ import numba
 import numpy as np
 
 from .rowio import (
+    exact_exps,
     glue,
     load_row,
     load_tile,
@@ -35,7 +36,6 @@ from .rowio import (
     readable_row,
     row_max,
     row_scratch,
-    scale_inplace,
     store_row,
     store_tile,
     work_buffer,
@@ -176,6 +176,17 @@ def zero_inplace(row):
 
 
 @glue
+def store_target_corrected(row, dst, t, a, target_term, half_format, stream):
+    """``dst = row·a - target_term·onehot(t)``, stored as :func:`store_row` does: the row
+    scaled on its way out, then entry ``t`` written again (a plain store; after a
+    streamed row it goes to the same core's write-combining buffer, in program order)."""
+    corrected = row[t] * a - target_term
+    store_row(row, dst, half_format, stream, a)
+    row[t] = corrected
+    store_row(row[t : t + 1], dst[t : t + 1], half_format, False)
+
+
+@glue
 def long_row_first_argmax(src, m, segment, half_format):
     """:func:`first_argmax` of a long row whose max is ``m`` (NaN if the row holds NaN),
     a segment at a time."""
@@ -195,14 +206,17 @@ def long_row_grad(src, dst, m, a, smooth_scale, target_term, t, weight, smoothed
     for start in range(0, src.size, segment):
         part = row_scratch(dst, min(segment, src.size - start))
         load_row(src[start : start + segment], part, half_format)
-        scaled_exp_inplace(part, part.dtype.type(m))
+        scaled_exp_inplace(part, part.dtype.type(m), exact_exps(dst))
+        holds_target = start <= t < start + part.size
         if smoothed:
             smoothed_grad_inplace(part, a, smooth_scale, weight[start : start + part.size])
+            if holds_target:
+                part[t - start] -= target_term
+            store_row(part, dst[start : start + segment], half_format, stream)
+        elif holds_target:
+            store_target_corrected(part, dst[start : start + segment], t - start, a, target_term, half_format, stream)
         else:
-            scale_inplace(part, a)
-        if start <= t < start + part.size:
-            part[t - start] -= target_term
-        store_row(part, dst[start : start + segment], half_format, stream)
+            store_row(part, dst[start : start + segment], half_format, stream, a)
 
 
 @glue
@@ -292,10 +306,11 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                                        half_format)
                         argmax_b, x_t_b, smooth_dot_b = pre_exp_terms(row_b, m_b, t_b, weight, smoothing,
                                                                       row_argmax.size)
-                        total, total_b = pair_exp_inplace(row, m, row_b, m_b)  # scaled
+                        total, total_b = pair_exp_inplace(row, m, row_b, m_b, exact_exps(out))  # scaled
                         paired_exps = True
                     else:
-                        total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))  # scaled
+                        total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes),
+                                        exact_exps(out))  # scaled
                 lse = lse_from_total(m, total * UNSCALE)
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
@@ -303,10 +318,10 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                                         z_loss, lse, total)
                 if smoothing != 0.0:
                     smoothed_grad_inplace(work, dtype(a), dtype(g * spread), weight)
-                else:
-                    scale_inplace(work, dtype(a))
-                work[t] -= dtype(g * keep * w_t)
-                store_row(work, dst, half_format, stream)
+                    work[t] -= dtype(g * keep * w_t)
+                    store_row(work, dst, half_format, stream)
+                else:  # scaled on the way out, then the target's entry rewritten: a pass fewer
+                    store_target_corrected(work, dst, t, dtype(a), dtype(g * keep * w_t), half_format, stream)
             else:
                 values = readable_row(src, values_work, half_format)
                 m = row_max(values)
@@ -370,7 +385,8 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 dst, m = open_row(x, x_start, x_ld, out, out_start, out_ld, i, n_classes, half_format, row)
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(row, probs, weight, keep, spread)
-                total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))  # scaled
+                total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes),
+                                        exact_exps(out))  # scaled
                 lse = lse_from_total(m, total * UNSCALE)
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, v_total, z_loss, lse, total)
