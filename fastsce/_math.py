@@ -109,12 +109,13 @@ def rounded_int_from_shifted(typingctx, shifted):
 def mul_pow2(typingctx, value, k):
     """``value * 2**k`` as two exact power-of-two factors ``2**(k//2) * 2**(k - k//2)``, so
     that ``k`` may span both the subnormal and the overflow range (one final rounding)."""
-    if value not in _FLOAT_FORMATS or k != _FLOAT_FORMATS[value][0]:
+    if value not in _FLOAT_FORMATS or not isinstance(k, types.Integer):
         return None
-    _, bias, mantissa_bits, _ = _FLOAT_FORMATS[value]
+    int_type, bias, mantissa_bits, _ = _FLOAT_FORMATS[value]
 
     def codegen(context, builder, signature, args):
-        x, n = args
+        x = args[0]
+        n = context.cast(builder, args[1], k, int_type)  # any integer k, in the float's width
         ll_int = n.type
         ll_float = context.get_value_type(value)
         half = builder.ashr(n, ll_int(1))

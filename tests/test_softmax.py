@@ -209,6 +209,25 @@ def test_long_rows_segment_by_segment(short_segments, name, dtype, rng):
     assert short_segments == ["forward_long_rows"] * 3
 
 
+@pytest.mark.parametrize(("dtype", "depth"), [(np.float32, 90.0), (np.float64, 735.0)], ids=["f32", "f64"])
+def test_long_rows_far_below_the_max_round_once(short_segments, dtype, depth):
+    """Long softmax rows keep each segment's exps (relative to the segment's own max) and
+    rescale them: segments ``depth`` below the row max have subnormal probabilities,
+    whose rescaling factor is itself below the normal range; they must still be correct
+    to a few units of the subnormal spacing, not flushed or garbled."""
+    rng = np.random.default_rng(11)
+    x = rng.uniform(-1.0, 0.0, (3, 101)).astype(dtype)
+    x[0, :16] -= depth  # the first segment (16 float32 / 8 float64 elements: one or two)
+    x[1, 40:60] -= depth + 20.0  # deeper still: underflows to 0 or the smallest subnormals
+    x[2, 80:] -= depth / 2  # a normal-range factor, for contrast
+    got = fastsce.softmax(x)
+    expected = ref.softmax(x.astype(np.float64), -1)
+    ulps = np.abs(got.astype(np.float64) - expected) / np.spacing(expected.astype(dtype)).astype(np.float64)
+    assert ulps.max() <= 4, (np.unravel_index(ulps.argmax(), ulps.shape), ulps.max())
+    assert (got[0, :16] > 0).all() and (got[0, :16] < np.finfo(dtype).tiny).all()  # subnormal, not flushed
+    assert short_segments == ["forward_long_rows"]
+
+
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
 @pytest.mark.parametrize("name", ["softmax", "log_softmax"])
 def test_long_rows_segment_by_segment_16_bit(short_segments, name, half):

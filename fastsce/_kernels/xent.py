@@ -45,15 +45,19 @@ from .softmax import (
     PAIR_MAX_CLASSES,
     PAIR_MAX_WRITTEN_CLASSES,
     exp_inplace,
+    first_argmax,
     logsumexp_from_max,
+    long_row_kept_exps,
     long_row_max_sum,
     lse_from_total,
     next_row,
     pair_exp_inplace,
     pair_sum_exp,
     parallel,
+    rescale_long_row,
     reduction,
     scaled_exp_inplace,
+    zero_inplace,
 )
 from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS, MIN_CHUNKS
 
@@ -132,19 +136,6 @@ def soft_target_sums(row, y, weight, keep, spread):
     return v_total, vx_total
 
 
-@reduction
-def first_argmax(row, m):
-    """As ``np.argmax`` and ``torch.argmax``: the first NaN if the row holds one, else the
-    first entry equal to ``m = max(row)``."""
-    for j in range(row.size):
-        if row[j] != row[j]:
-            return j
-    for j in range(row.size):
-        if row[j] == m:
-            return j
-    return 0
-
-
 @glue
 def pre_exp_terms(row, m, t, weight, smoothing, with_argmax):
     """What a gradient row needs from its logits before they become exps: ``(argmax or -1,
@@ -166,13 +157,6 @@ def soft_grad_inplace(row, a, y, weight, g, keep, spread):
     """``row = row·a - g·weight·(keep·y + spread)`` (``row`` holds ``exp(x - m)``)."""
     for j in range(row.size):
         row[j] = row[j] * a - g * (weight[j] * (keep * y[j] + spread))
-
-
-@elementwise
-def zero_inplace(row):
-    """``row = 0``."""
-    for j in range(row.size):
-        row[j] = 0.0
 
 
 @glue
@@ -265,6 +249,10 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
         values_work_b = work_buffer(x, n_classes if pairs else 0)
         paired_lse = False
         next_lse = 0.0
+        # Long gradient rows into floats keep their exps in `out` (see softmax.py's
+        # forward_long_rows): one exp per element.
+        keep_exps = with_grad and segment > 0 and exact_exps(out)
+        segment_max = np.empty((n_classes + segment - 1) // segment if keep_exps else 0, np.float64)
         # Gradients, up to PAIR_MAX_WRITTEN_CLASSES: two counted rows exponentiated together.
         pair_grads = with_grad and not segment and n_classes <= PAIR_MAX_WRITTEN_CLASSES
         row_b = row_scratch(out, n_classes if pair_grads else 0)
@@ -280,17 +268,25 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
             x_t = smooth_dot = w_t = 0.0
             if with_grad and valid and segment:
                 dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                m, total, smooth_dot = long_row_max_sum(src, segment, half_format,
-                                                        weight if smoothing != 0.0 else weight[:0])
-                argmax = long_row_first_argmax(src, m, segment, half_format) if row_argmax.size else -1
-                x_t = np.float64(readable_row(src[t : t + 1], work_buffer(src, 1), half_format)[0])
+                x_t = np.float64(readable_row(src[t : t + 1], work_buffer(src, 1), half_format)[0])  # dst may be src
+                smoothing_weight = weight if smoothing != 0.0 else weight[:0]
+                if keep_exps:
+                    m, total, smooth_dot, argmax = long_row_kept_exps(src, dst, segment, half_format, segment_max,
+                                                                      smoothing_weight, row_argmax.size > 0)
+                else:
+                    m, total, smooth_dot = long_row_max_sum(src, segment, half_format, smoothing_weight)
+                    argmax = long_row_first_argmax(src, m, segment, half_format) if row_argmax.size else -1
                 lse = lse_from_total(m, total)
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, keep * w_t + spread * weight_sum,
-                                        z_loss, lse, total / UNSCALE)  # long_row_grad's exps are scaled
-                long_row_grad(src, dst, m, dtype(a), dtype(g * spread), dtype(g * keep * w_t), t, weight,
-                              smoothing != 0.0, segment, half_format, stream)
+                                        z_loss, lse, total / UNSCALE)  # for exps scaled by 2**EXP_SCALE_BITS
+                if keep_exps:
+                    rescale_long_row(dst, segment, segment_max, m, a, g * spread, smoothing_weight)
+                    dst[t] -= dtype(g * keep * w_t)
+                else:
+                    long_row_grad(src, dst, m, dtype(a), dtype(g * spread), dtype(g * keep * w_t), t, weight,
+                                  smoothing != 0.0, segment, half_format, stream)
             elif with_grad and valid:
                 dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
                 if paired_exps:  # row i was loaded and exponentiated with row i - 1, into row_b
@@ -310,7 +306,7 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                         paired_exps = True
                     else:
                         total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes),
-                                        exact_exps(out))  # scaled
+                                            exact_exps(out))  # scaled
                 lse = lse_from_total(m, total * UNSCALE)
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
