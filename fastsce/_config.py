@@ -75,6 +75,23 @@ def long_row_segment(n_classes: int, work_itemsize: int) -> int:
     element) exceeds LONG_ROW_BYTES, or 0 for rows that are computed whole."""
     return SEGMENT_BYTES // work_itemsize if n_classes * work_itemsize > LONG_ROW_BYTES else 0
 
+
+# Long rows of at least SPLIT_ROW_BYTES (working copy) are each split into chunks of
+# about SPLIT_CHUNK_BYTES that all threads share, a row at a time, rather than one row
+# per thread: then one row's output, not one per thread, must stay in L3 between the
+# passes, and a few rows still use every core. Fixed by the shape alone (the chunks'
+# (max, Σ) are merged in order), so results do not depend on the thread count.
+SPLIT_ROW_BYTES = 4 * 1024 * 1024
+SPLIT_CHUNK_BYTES = 512 * 1024
+
+
+def long_row_chunks(n_classes: int, work_itemsize: int, segment: int) -> int:
+    """Segments per chunk of a long row split across threads, or 0 for a row that one
+    thread computes (see SPLIT_ROW_BYTES); ``segment`` from :func:`long_row_segment`."""
+    if not segment or n_classes * work_itemsize < SPLIT_ROW_BYTES:
+        return 0
+    return max(1, SPLIT_CHUNK_BYTES // (segment * work_itemsize))
+
 # Rows per chunk of the cross-entropy's loss sums: fixed, so that the order of the
 # float64 additions (and so "mean"/"sum" to the last bit) does not depend on threads.
 CHUNK_ROWS = 256

@@ -8,7 +8,7 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._layout import Plan, aligned_copy, plan_layout, require_plan
-from ._config import NOT_16BIT, SMALL_CLASSES, get_num_threads, long_row_segment, streams
+from ._config import NOT_16BIT, SMALL_CLASSES, get_num_threads, long_row_chunks, long_row_segment, streams
 from ._validation import (
     as_float_array,
     check_out,
@@ -131,7 +131,9 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
         stream = streams(result.nbytes, plan.n_classes * result.itemsize)
         segment = long_row_segment(plan.n_classes, max(4, result.itemsize))  # 16-bit rows compute in float32
         if name in ("softmax", "log_softmax") and segment:
-            _launch("forward_long_rows", *_kernel_args(plan), half_format, stream, segment, name == "log_softmax")
+            chunk_segments = long_row_chunks(plan.n_classes, max(4, result.itemsize), segment)
+            _launch("forward_long_rows", *_kernel_args(plan), half_format, stream, segment, name == "log_softmax",
+                    chunk_segments)
         else:
             _launch(f"{name}_rows", *_kernel_args(plan), half_format, stream, *options)
     else:

@@ -176,10 +176,15 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(20240611)
 
 
-def tiny_long_rows(monkeypatch) -> None:
+def tiny_long_rows(monkeypatch, split: bool = False) -> None:
     """Rows of more than 32 bytes count as long (_config.long_row_segment), in segments of
-    16 float32 (8 float64) elements: the long-row kernels on small test arrays."""
+    16 float32 (8 float64) elements: the long-row kernels on small test arrays. ``split``:
+    rows of 128 bytes and more are also split across threads (_config.long_row_chunks),
+    in chunks of two segments (101 float32 classes: 4 chunks, the last of 5 elements)."""
     import fastsce._config as config
 
     monkeypatch.setattr(config, "LONG_ROW_BYTES", 32)
     monkeypatch.setattr(config, "SEGMENT_BYTES", 64)
+    if split:
+        monkeypatch.setattr(config, "SPLIT_ROW_BYTES", 128)
+        monkeypatch.setattr(config, "SPLIT_CHUNK_BYTES", 128)

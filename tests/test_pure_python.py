@@ -117,6 +117,18 @@ def test_only_big_outputs_of_long_rows_are_streamed():
     assert not streams(2**30, 128 * 4)
 
 
+def test_only_rows_of_megabytes_are_split_across_threads():
+    """A row is split into chunks for all threads from SPLIT_ROW_BYTES on; the chunks
+    are whole segments of about SPLIT_CHUNK_BYTES."""
+    from fastsce._config import SPLIT_CHUNK_BYTES, SPLIT_ROW_BYTES, long_row_chunks, long_row_segment
+
+    n = SPLIT_ROW_BYTES // 4
+    assert long_row_chunks(n, 4, long_row_segment(n, 4)) * long_row_segment(n, 4) * 4 == SPLIT_CHUNK_BYTES
+    assert long_row_chunks(n - 1, 4, long_row_segment(n - 1, 4)) == 0  # a row per task
+    assert long_row_chunks(2**21, 8, long_row_segment(2**21, 8)) > 0  # float64: 16 MB rows
+    assert long_row_chunks(1000, 4, long_row_segment(1000, 4)) == 0  # not even long
+
+
 # Row lengths (>= SMALL_CLASSES, so the row kernels) whose rows start at many offsets
 # within a cache line and leave a ragged head and tail around the whole lines.
 STREAM_SHAPES = [(9, 130), (5, 71), (3, 1000)]

@@ -30,6 +30,7 @@ from tests.conftest import (
     jacobian_scale,
     jit_or_pure,
     log_softmax_backward_scale,
+    needs_two_threads,
     softmax_backward_scale,
     tiny_long_rows,
 )
@@ -156,21 +157,28 @@ def test_long_rows(name, dtype, rng):
     check(name, fn(name)(xt, axis=0), (xt,), 0, dtype)
 
 
-@pytest.fixture
-def short_segments(monkeypatch):
+@pytest.fixture(params=["row per task", "rows split"])
+def short_segments(monkeypatch, request):
     """Rows of more than 32 bytes take the long-row kernels, in segments of 16 float32
-    (8 float64) elements; returns the names of the kernels launched."""
+    (8 float64) elements, each row computed by one task or split across threads in
+    chunks of two segments; returns the names of the kernels launched, and checks after
+    the test that rows were split (the kernel's last argument) exactly when asked."""
     module = sys.modules["fastsce.softmax"]  # the module, not the function of that name
-    tiny_long_rows(monkeypatch)
+    split = request.param == "rows split"
+    tiny_long_rows(monkeypatch, split=split)
     launched = []
+    chunk_segments = []
     launch = module._launch
 
     def recorded(name, *args):
         launched.append(name)
+        if name == "forward_long_rows":
+            chunk_segments.append(args[-1])
         return launch(name, *args)
 
     monkeypatch.setattr(module, "_launch", recorded)
-    return launched
+    yield launched
+    assert chunk_segments and all((c > 0) == split for c in chunk_segments), chunk_segments
 
 
 def _segmented_rows(dtype, rng) -> np.ndarray:
@@ -226,6 +234,18 @@ def test_long_rows_far_below_the_max_round_once(short_segments, dtype, depth):
     assert ulps.max() <= 4, (np.unravel_index(ulps.argmax(), ulps.shape), ulps.max())
     assert (got[0, :16] > 0).all() and (got[0, :16] < np.finfo(dtype).tiny).all()  # subnormal, not flushed
     assert short_segments == ["forward_long_rows"]
+
+
+@needs_two_threads
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_long_rows_same_bits_for_every_thread_count(short_segments, name, rng):
+    """Split rows merge their chunks in chunk order: one thread or two, the same bits."""
+    x = _segmented_rows(np.float32, rng)
+    results = []
+    for n_threads in (1, 2):
+        with fastsce.threads(n_threads):
+            results.append(fn(name)(x))
+    np.testing.assert_array_equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])
@@ -990,7 +1010,6 @@ def test_keyword_only_arguments():
 
 # ------------------------------------------------------------------------ threads ----
 MAX_THREADS = numba.config.NUMBA_NUM_THREADS
-needs_two_threads = pytest.mark.skipif(MAX_THREADS < 2, reason="NUMBA_NUM_THREADS < 2")
 
 
 @pytest.fixture

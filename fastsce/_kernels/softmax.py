@@ -568,12 +568,43 @@ def _rescale_kept_exps(part, shift, scale):
     return rescale_kept_exps
 
 
+@glue
+def long_row_reduce(src, dst, segment, half_format, keep_exps, segment_max):
+    """Pass one of :func:`forward_long_rows` over a row (or a chunk of one, whole
+    segments): ``(max, Σ exp(src - max))``, the exps kept in ``dst`` if ``keep_exps``."""
+    if keep_exps:
+        m, total, _, _ = long_row_kept_exps(src, dst, segment, half_format, segment_max, dst[:0], False)
+        return m, total
+    m, total, _ = long_row_max_sum(src, segment, half_format, dst[:0])
+    return m, total
+
+
+@glue
+def long_row_write(src, dst, segment, half_format, stream, keep_exps, log_form, segment_max, m, total):
+    """Pass two of :func:`forward_long_rows` over a row (or a chunk of one), given the
+    whole row's ``(max, Σ exp(x - max))``."""
+    if keep_exps:
+        rescale_long_row(dst, segment, segment_max, m, UNSCALE / total, 0.0, dst[:0])  # exps scaled
+        return
+    factor = UNSCALE / total  # scaled_exp_inplace's exps carry 2**EXP_SCALE_BITS
+    log_total = log(total)
+    for start in range(0, src.size, segment):
+        part = row_scratch(dst, min(segment, src.size - start))
+        load_row(src[start : start + segment], part, half_format)
+        if log_form:
+            log_softmax_inplace(part, part.dtype.type(m), part.dtype.type(log_total))
+            store_row(part, dst[start : start + segment], half_format, stream)
+        else:
+            scaled_exp_inplace(part, part.dtype.type(m), exact_exps(dst))
+            store_row(part, dst[start : start + segment], half_format, stream, factor)
+
+
 @parallel
 def forward_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, half_format, stream, segment,
-                      log_form):
+                      log_form, chunk_segments):
     """:func:`softmax_rows` (``log_form`` false) or :func:`log_softmax_rows` (true) for long
-    rows, one per task (``out`` may be ``x``). One kernel for both keeps one compiled
-    signature per dtype; the branch is per segment, outside the element loops.
+    rows (``out`` may be ``x``). One kernel for both keeps one compiled signature per
+    dtype; the branch is per segment, outside the element loops.
 
     * softmax into floats: :func:`long_row_kept_exps` writes each segment's exps to
       ``out``, then each is rescaled there by ``e**(its max - the row's) / Σ``: one exp
@@ -581,30 +612,43 @@ def forward_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, 
     * otherwise (log_softmax, 16-bit softmax): reduced by :func:`long_row_max_sum`, then
       computed and written ``segment`` elements at a time, read again from ``x`` (a
       segment is read before it is written, and only after the whole row was reduced).
+
+    ``chunk_segments`` 0: a row per task. Otherwise each row is split into chunks of that
+    many segments, reduced by all threads, merged in chunk order, then written by all
+    threads (see ``_config.SPLIT_ROW_BYTES``).
     """
     keep_exps = not log_form and exact_exps(out)  # 16-bit out cannot hold float32 exps
     n_segments = (n_cols + segment - 1) // segment
-    for i in numba.prange(n_rows):
+    if chunk_segments == 0:
+        for i in numba.prange(n_rows):
+            src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
+            dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
+            segment_max = np.empty(n_segments if keep_exps else 0, np.float64)
+            m, total = long_row_reduce(src, dst, segment, half_format, keep_exps, segment_max)
+            long_row_write(src, dst, segment, half_format, stream, keep_exps, log_form, segment_max, m, total)
+            store_fence()
+        return
+    chunk = chunk_segments * segment
+    n_chunks = (n_cols + chunk - 1) // chunk
+    segment_max = np.empty(n_segments if keep_exps else 0, np.float64)
+    chunk_max = np.empty(n_chunks, np.float64)
+    chunk_total = np.empty(n_chunks, np.float64)
+    for i in range(n_rows):
         src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
         dst = out[out_start + i * out_ld : out_start + i * out_ld + n_cols]
-        if keep_exps:
-            segment_max = np.empty(n_segments, np.float64)
-            m, total, _, _ = long_row_kept_exps(src, dst, segment, half_format, segment_max, out[:0], False)
-            rescale_long_row(dst, segment, segment_max, m, UNSCALE / total, 0.0, out[:0])  # exps scaled
-        else:
-            m, total, _ = long_row_max_sum(src, segment, half_format, row_scratch(out, 0))
-            factor = UNSCALE / total  # scaled_exp_inplace's exps carry 2**EXP_SCALE_BITS
-            log_total = log(total)
-            for start in range(0, n_cols, segment):
-                part = row_scratch(out, min(segment, n_cols - start))
-                load_row(src[start : start + segment], part, half_format)
-                if log_form:
-                    log_softmax_inplace(part, part.dtype.type(m), part.dtype.type(log_total))
-                    store_row(part, dst[start : start + segment], half_format, stream)
-                else:
-                    scaled_exp_inplace(part, part.dtype.type(m), exact_exps(out))
-                    store_row(part, dst[start : start + segment], half_format, stream, factor)
-        store_fence()
+        for c in numba.prange(n_chunks):
+            chunk_max[c], chunk_total[c] = long_row_reduce(
+                src[c * chunk : (c + 1) * chunk], dst[c * chunk : (c + 1) * chunk], segment, half_format, keep_exps,
+                segment_max[c * chunk_segments : (c + 1) * chunk_segments])
+        m = -np.inf
+        total = 0.0
+        for c in range(n_chunks):
+            m, total = merge_max_sum(m, total, chunk_max[c], chunk_total[c])
+        for c in numba.prange(n_chunks):
+            long_row_write(src[c * chunk : (c + 1) * chunk], dst[c * chunk : (c + 1) * chunk], segment, half_format,
+                           stream, keep_exps, log_form, segment_max[c * chunk_segments : (c + 1) * chunk_segments],
+                           m, total)
+            store_fence()
 
 
 # ------------------------------------------------------------- column primitives ----
