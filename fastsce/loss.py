@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._config import NOT_16BIT, SMALL_CLASSES, long_row_segment, loss_chunk_rows, streams
+from ._config import NOT_16BIT, SMALL_CLASSES, long_row_chunks, long_row_segment, loss_chunk_rows, streams
 from ._layout import Operand, Plan, aligned_copy, plan_layout, require_plan
 from ._validation import (
     as_float_array,
@@ -57,10 +58,17 @@ def _check_options(reduction: str, label_smoothing: float, z_loss: float, ignore
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}") from None
 
 
+@functools.lru_cache(maxsize=4)
+def _unit_weights(n_classes: int, dtype: np.dtype) -> np.ndarray:
+    """Ones for every class, kept between calls: for a vocabulary of millions, filling a
+    fresh array took longer than a row of the loss (kernels never write weights)."""
+    return np.ones(n_classes, dtype)
+
+
 def _class_weights(weight: ArrayLike | None, n_classes: int, dtype: np.dtype) -> tuple[np.ndarray, float]:
     """Weights as a contiguous array of the compute dtype, and their float64 sum."""
     if weight is None:
-        return np.ones(n_classes, dtype), float(n_classes)
+        return _unit_weights(n_classes, np.dtype(dtype)), float(n_classes)
     w = np.asarray(weight)
     if w.dtype.kind not in "fiu":
         raise TypeError(f"weight must be a float array, got dtype {w.dtype}")
@@ -268,10 +276,15 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
                     with_grad, target_rows, ignore_index, weights, weight_sum, *smoothing_z, *outputs,
                     half_format)
         else:
-            _launch("hard_xent_rows", x_op.buffer, x_op.start, x_op.outer_stride, g_op.buffer, g_op.start,
-                    g_op.outer_stride, n_rows, n_classes, with_grad, target_rows, ignore_index, weights, weight_sum,
-                    *smoothing_z, *outputs, half_format, stream,
-                    long_row_segment(n_classes, weights.itemsize))  # weights: the compute dtype
+            segment = long_row_segment(n_classes, weights.itemsize)  # weights: the compute dtype
+            chunk_segments = long_row_chunks(n_classes, weights.itemsize, segment)
+            rows = (x_op.buffer, x_op.start, x_op.outer_stride, g_op.buffer, g_op.start, g_op.outer_stride, n_rows,
+                    n_classes, with_grad, target_rows, ignore_index, weights, weight_sum, *smoothing_z, *outputs,
+                    half_format, stream, segment)
+            if chunk_segments:  # rows of megabytes: each split across the threads
+                _launch("hard_xent_split_rows", *rows, chunk_segments)
+            else:
+                _launch("hard_xent_rows", *rows)
     elif with_grad and grad_target.size:
         grad_target.fill(0.0)  # no classes or no rows: nothing to differentiate
 

@@ -998,24 +998,30 @@ def test_small_classes_across_tiles(n_classes, dtype):
 
 
 # ------------------------------------------------------------------- long rows ----
-@pytest.fixture
-def short_segments(monkeypatch):
+@pytest.fixture(params=["row per task", "rows split"])
+def short_segments(monkeypatch, request):
     """Rows of more than 32 bytes take the long-row path of ``hard_xent_rows``, in
-    segments of 16 float32 (8 float64) elements; returns the segment lengths launched."""
+    segments of 16 float32 (8 float64) elements, or with rows split across threads
+    ``hard_xent_split_rows``, in chunks of two segments; returns the segment lengths
+    launched, and checks after the test that rows were split exactly when asked."""
     import sys
 
     module = sys.modules["fastsce.loss"]
-    tiny_long_rows(monkeypatch)
+    split = request.param == "rows split"
+    tiny_long_rows(monkeypatch, split=split)
     segments = []
+    kernels = set()
     launch = module._launch
 
     def recorded(name, *args):
-        if name == "hard_xent_rows":
-            segments.append(args[-1])
+        if name in ("hard_xent_rows", "hard_xent_split_rows"):
+            kernels.add(name)
+            segments.append(args[-1] if name == "hard_xent_rows" else args[-2])
         return launch(name, *args)
 
     monkeypatch.setattr(module, "_launch", recorded)
-    return segments
+    yield segments
+    assert kernels == {"hard_xent_split_rows" if split else "hard_xent_rows"}, kernels
 
 
 def _long_rows(dtype, rng):
@@ -1060,6 +1066,19 @@ def test_long_rows_segment_by_segment(short_segments, dtype, weighted, ls, z, re
     assert grad_inplace is y
     np.testing.assert_array_equal(grad_inplace, grad)
     assert short_segments[0] == 64 // np.dtype(dtype).itemsize and short_segments[-1] > 0
+
+
+@needs_two_threads
+def test_long_rows_same_bits_for_every_thread_count(short_segments):
+    """Split rows merge their chunks in chunk order: one thread or two, the same bits."""
+    x, t = _long_rows(np.float32, np.random.default_rng(43))
+    opts = options(make_weight(True, x.shape[1], np.float32, np.random.default_rng(44)), "none", 0.1, 1e-3)
+    results = []
+    for n_threads in (1, 2):
+        with fastsce.threads(n_threads):
+            results.append(fastsce.cross_entropy_with_grad(x, t, **opts, return_lse=True, return_argmax=True))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("half", ["float16", "bfloat16"])

@@ -50,6 +50,7 @@ from .softmax import (
     long_row_kept_exps,
     long_row_max_sum,
     lse_from_total,
+    merge_max_sum,
     next_row,
     pair_exp_inplace,
     pair_sum_exp,
@@ -221,6 +222,17 @@ def _grad_rows_at(grad_rows, i):
     return grad_rows[i] if grad_rows.size > 1 else grad_rows[0]
 
 
+@glue
+def record_row(r, loss, lse, argmax, row_loss, row_lse, row_argmax):
+    """Store row ``r``'s results in the per-row outputs that were asked for (non-empty)."""
+    if row_loss.size:
+        row_loss[r] = loss
+    if row_lse.size:
+        row_lse[r] = lse
+    if row_argmax.size:
+        row_argmax[r] = argmax
+
+
 @parallel
 def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, with_grad,
                    target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
@@ -357,6 +369,103 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
         store_fence()
+
+
+@glue
+def merged_long_row(part_max, part_total, part_weighted, part_argmax):
+    """``(max, Σ exp(x - max), Σ w·x, argmax)`` of a row from those of its chunks, merged
+    in chunk order; the argmax is the first chunk's holding NaN, else the first chunk's
+    whose max is the row's (each chunk's its :func:`first_argmax`, offset)."""
+    m = -np.inf
+    total = 0.0
+    weighted = 0.0
+    for c in range(part_max.size):
+        m, total = merge_max_sum(m, total, part_max[c], part_total[c])
+        weighted += part_weighted[c]
+    argmax = part_argmax[0]
+    for c in range(part_max.size):
+        if part_max[c] != part_max[c] or (m == m and part_max[c] == m):
+            argmax = part_argmax[c]
+            break
+    return m, total, weighted, argmax
+
+
+@parallel
+def hard_xent_split_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, with_grad,
+                         target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale,
+                         grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format, stream, segment,
+                         chunk_segments):
+    """:func:`hard_xent_rows` for long rows split across threads (see softmax.py's
+    ``forward_long_rows``): a row at a time, its chunks of ``chunk_segments`` segments
+    reduced by all threads and merged in chunk order, then (``with_grad``) written by
+    all threads. Loss chunks, sums and per-row outputs as :func:`hard_xent_rows`."""
+    keep = 1.0 - smoothing
+    spread = smoothing / n_classes
+    dtype = weight.dtype.type
+    keep_exps = with_grad and exact_exps(out)  # gradients into floats keep their exps
+    smoothing_weight = weight if smoothing != 0.0 else weight[:0]
+    chunk = chunk_segments * segment
+    n_parts = (n_classes + chunk - 1) // chunk
+    segment_max = np.empty((n_classes + segment - 1) // segment if keep_exps else 0, np.float64)
+    part_max = np.empty(n_parts, np.float64)
+    part_total = np.empty(n_parts, np.float64)
+    part_weighted = np.zeros(n_parts, np.float64)
+    part_argmax = np.zeros(n_parts, np.int64)
+    for k in range(chunk_count(n_rows)):
+        lo, hi = chunk_bounds(k, n_rows)
+        loss_sum = 0.0
+        z_sum = 0.0
+        for i in range(lo, hi):
+            src = x[x_start + i * x_ld : x_start + i * x_ld + n_classes]
+            dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
+            t = target[i]
+            valid = t != ignore_index
+            x_t = np.float64(readable_row(src[t : t + 1], work_buffer(src, 1), half_format)[0]) if valid else 0.0
+            kept = keep_exps and valid  # ignored rows are only read (their gradient is 0)
+            for c in numba.prange(n_parts):
+                src_c = src[c * chunk : (c + 1) * chunk]
+                if kept:
+                    part_max[c], part_total[c], part_weighted[c], j = long_row_kept_exps(
+                        src_c, dst[c * chunk : (c + 1) * chunk], segment, half_format,
+                        segment_max[c * chunk_segments : (c + 1) * chunk_segments],
+                        smoothing_weight[c * chunk : (c + 1) * chunk], row_argmax.size > 0)
+                else:
+                    part_max[c], part_total[c], part_weighted[c] = long_row_max_sum(
+                        src_c, segment, half_format, smoothing_weight[c * chunk : (c + 1) * chunk])
+                    j = long_row_first_argmax(src_c, part_max[c], segment, half_format) if row_argmax.size else 0
+                part_argmax[c] = c * chunk + j
+            m, total, smooth_dot, argmax = merged_long_row(part_max, part_total, part_weighted, part_argmax)
+            lse = lse_from_total(m, total)
+            loss = w_t = 0.0
+            if valid:
+                w_t = np.float64(weight[t])
+                loss = hard_row_loss(lse, x_t, w_t, smooth_dot, keep, spread, weight_sum)
+                loss_sum += loss
+                z_sum += lse * lse
+                loss += z_loss * lse * lse
+            if with_grad and valid:
+                g = _grad_rows_at(grad_rows, i) * grad_scale
+                a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale,
+                                        keep * w_t + spread * weight_sum, z_loss, lse, total / UNSCALE)  # scaled exps
+                for c in numba.prange(n_parts):
+                    if kept:
+                        rescale_long_row(dst[c * chunk : (c + 1) * chunk], segment,
+                                         segment_max[c * chunk_segments : (c + 1) * chunk_segments], m, a, g * spread,
+                                         smoothing_weight[c * chunk : (c + 1) * chunk])
+                    else:
+                        long_row_grad(src[c * chunk : (c + 1) * chunk], dst[c * chunk : (c + 1) * chunk], m, dtype(a),
+                                      dtype(g * spread), dtype(g * keep * w_t), t - c * chunk,
+                                      weight[c * chunk : (c + 1) * chunk], smoothing != 0.0, segment, half_format,
+                                      stream)
+                        store_fence()
+                if kept:
+                    dst[t] -= dtype(g * keep * w_t)
+            elif with_grad:
+                for c in numba.prange(n_parts):
+                    zero_inplace(dst[c * chunk : (c + 1) * chunk])
+            record_row(i, loss, lse, argmax if row_argmax.size else -1, row_loss, row_lse, row_argmax)
+        chunk_loss[k] = loss_sum
+        chunk_z[k] = z_sum
 
 
 @parallel
@@ -534,17 +643,6 @@ def columns_zero_where(x, base, stride, n_classes, ignored):
         for j in range(ignored.size):
             if ignored[j]:
                 seg[j] = 0.0
-
-
-@glue
-def record_row(r, loss, lse, argmax, row_loss, row_lse, row_argmax):
-    """Store row ``r``'s results in the per-row outputs that were asked for (non-empty)."""
-    if row_loss.size:
-        row_loss[r] = loss
-    if row_lse.size:
-        row_lse[r] = lse
-    if row_argmax.size:
-        row_argmax[r] = argmax
 
 
 @glue
