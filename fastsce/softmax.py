@@ -265,8 +265,15 @@ def logsumexp(
             _launch("logsumexp_row_blocks", source.buffer, source.start, flat, plan.n_outer, plan.n_classes,
                     half_format)
         elif plan.is_rows:
-            _launch("logsumexp_rows", source.buffer, source.start, source.outer_stride, flat,
-                    plan.n_outer, plan.n_classes, half_format)
+            work_itemsize = max(4, x.itemsize)  # 16-bit rows compute in float32
+            segment = long_row_segment(plan.n_classes, work_itemsize)
+            chunk_segments = long_row_chunks(plan.n_classes, work_itemsize, segment)
+            if chunk_segments:  # rows of megabytes: each split across the threads
+                _launch("logsumexp_split_rows", source.buffer, source.start, source.outer_stride, flat,
+                        plan.n_outer, plan.n_classes, half_format, segment, chunk_segments)
+            else:
+                _launch("logsumexp_rows", source.buffer, source.start, source.outer_stride, flat,
+                        plan.n_outer, plan.n_classes, half_format)
         else:
             _launch("logsumexp_columns", source.buffer, source.start, source.outer_stride, source.class_stride,
                                          flat, plan.n_outer, plan.n_classes, plan.n_inner,

@@ -167,18 +167,20 @@ def short_segments(monkeypatch, request):
     split = request.param == "rows split"
     tiny_long_rows(monkeypatch, split=split)
     launched = []
-    chunk_segments = []
+    splits = []
     launch = module._launch
 
     def recorded(name, *args):
         launched.append(name)
         if name == "forward_long_rows":
-            chunk_segments.append(args[-1])
+            splits.append(args[-1] > 0)  # chunk_segments
+        elif name.startswith("logsumexp"):
+            splits.append(name == "logsumexp_split_rows")
         return launch(name, *args)
 
     monkeypatch.setattr(module, "_launch", recorded)
     yield launched
-    assert chunk_segments and all((c > 0) == split for c in chunk_segments), chunk_segments
+    assert splits and all(s == split for s in splits), (launched, splits)
 
 
 def _segmented_rows(dtype, rng) -> np.ndarray:
@@ -234,6 +236,17 @@ def test_long_rows_far_below_the_max_round_once(short_segments, dtype, depth):
     assert ulps.max() <= 4, (np.unravel_index(ulps.argmax(), ulps.shape), ulps.max())
     assert (got[0, :16] > 0).all() and (got[0, :16] < np.finfo(dtype).tiny).all()  # subnormal, not flushed
     assert short_segments == ["forward_long_rows"]
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
+def test_logsumexp_of_long_rows(short_segments, dtype, rng):
+    """Rows of megabytes take logsumexp_split_rows (chunks merged by online-softmax
+    rescaling), others logsumexp_rows; both against the reference."""
+    x = _segmented_rows(dtype, rng)
+    got = fastsce.logsumexp(x)
+    assert_close_log(got, ref.logsumexp(x.astype(np.float64), -1), dtype)  # NaN and inf rows included
+    with fastsce.threads(1):
+        np.testing.assert_array_equal(fastsce.logsumexp(x), got)
 
 
 @needs_two_threads

@@ -651,6 +651,44 @@ def forward_long_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cols, 
             store_fence()
 
 
+@glue
+def merged_long_row(part_max, part_total, part_weighted, part_argmax):
+    """``(max, Σ exp(x - max), Σ w·x, argmax)`` of a row from those of its chunks, merged
+    in chunk order; the argmax is the first chunk's holding NaN, else the first chunk's
+    whose max is the row's (each chunk's its :func:`first_argmax`, offset)."""
+    m = -np.inf
+    total = 0.0
+    weighted = 0.0
+    for c in range(part_max.size):
+        m, total = merge_max_sum(m, total, part_max[c], part_total[c])
+        weighted += part_weighted[c]
+    argmax = part_argmax[0]
+    for c in range(part_max.size):
+        if part_max[c] != part_max[c] or (m == m and part_max[c] == m):
+            argmax = part_argmax[c]
+            break
+    return m, total, weighted, argmax
+
+
+@parallel
+def logsumexp_split_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format, segment, chunk_segments):
+    """:func:`logsumexp_rows` for rows of megabytes, a row at a time, each split across
+    the threads in chunks of ``chunk_segments`` segments merged in chunk order (see
+    :func:`forward_long_rows`)."""
+    chunk = chunk_segments * segment
+    n_parts = (n_cols + chunk - 1) // chunk
+    part_max = np.empty(n_parts, np.float64)
+    part_total = np.empty(n_parts, np.float64)
+    unused = np.zeros(n_parts, np.float64)
+    for i in range(n_rows):
+        src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
+        for c in numba.prange(n_parts):
+            part_max[c], part_total[c], _ = long_row_max_sum(src[c * chunk : (c + 1) * chunk], segment, half_format,
+                                                             out[:0])
+        m, total, _, _ = merged_long_row(part_max, part_total, unused, np.zeros(n_parts, np.int64))
+        out[i] = lse_from_total(m, total)
+
+
 # ------------------------------------------------------------- column primitives ----
 # A tile is `width` neighbouring columns of an (n_classes, ·) block; class c of the
 # tile starts at `base + c * stride`. Per-column accumulators are float64 arrays.

@@ -50,7 +50,7 @@ from .softmax import (
     long_row_kept_exps,
     long_row_max_sum,
     lse_from_total,
-    merge_max_sum,
+    merged_long_row,
     next_row,
     pair_exp_inplace,
     pair_sum_exp,
@@ -369,25 +369,6 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
         store_fence()
-
-
-@glue
-def merged_long_row(part_max, part_total, part_weighted, part_argmax):
-    """``(max, Σ exp(x - max), Σ w·x, argmax)`` of a row from those of its chunks, merged
-    in chunk order; the argmax is the first chunk's holding NaN, else the first chunk's
-    whose max is the row's (each chunk's its :func:`first_argmax`, offset)."""
-    m = -np.inf
-    total = 0.0
-    weighted = 0.0
-    for c in range(part_max.size):
-        m, total = merge_max_sum(m, total, part_max[c], part_total[c])
-        weighted += part_weighted[c]
-    argmax = part_argmax[0]
-    for c in range(part_max.size):
-        if part_max[c] != part_max[c] or (m == m and part_max[c] == m):
-            argmax = part_argmax[c]
-            break
-    return m, total, weighted, argmax
 
 
 @parallel
