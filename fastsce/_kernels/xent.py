@@ -261,10 +261,6 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
         values_work_b = work_buffer(x, n_classes if pairs else 0)
         paired_lse = False
         next_lse = 0.0
-        # Long gradient rows into floats keep their exps in `out` (see softmax.py's
-        # forward_long_rows): one exp per element.
-        keep_exps = with_grad and segment > 0 and exact_exps(out)
-        segment_max = np.empty((n_classes + segment - 1) // segment if keep_exps else 0, np.float64)
         # Gradients, up to PAIR_MAX_WRITTEN_CLASSES: two counted rows exponentiated together.
         pair_grads = with_grad and not segment and n_classes <= PAIR_MAX_WRITTEN_CLASSES
         row_b = row_scratch(out, n_classes if pair_grads else 0)
@@ -280,25 +276,18 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
             x_t = smooth_dot = w_t = 0.0
             if with_grad and valid and segment:
                 dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
-                x_t = np.float64(readable_row(src[t : t + 1], work_buffer(src, 1), half_format)[0])  # dst may be src
-                smoothing_weight = weight if smoothing != 0.0 else weight[:0]
-                if keep_exps:
-                    m, total, smooth_dot, argmax = long_row_kept_exps(src, dst, segment, half_format, segment_max,
-                                                                      smoothing_weight, row_argmax.size > 0)
-                else:
-                    m, total, smooth_dot = long_row_max_sum(src, segment, half_format, smoothing_weight)
-                    argmax = long_row_first_argmax(src, m, segment, half_format) if row_argmax.size else -1
+                m, total, smooth_dot = long_row_max_sum(src, segment, half_format,
+                                                        weight if smoothing != 0.0 else weight[:0])
+                argmax = long_row_first_argmax(src, m, segment, half_format) if row_argmax.size else -1
+                x_t = np.float64(readable_row(src[t : t + 1], work_buffer(src, 1), half_format)[0])
                 lse = lse_from_total(m, total)
                 w_t = np.float64(weight[t])
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, keep * w_t + spread * weight_sum,
-                                        z_loss, lse, total / UNSCALE)  # for exps scaled by 2**EXP_SCALE_BITS
-                if keep_exps:
-                    rescale_long_row(dst, segment, segment_max, m, a, g * spread, smoothing_weight)
-                    dst[t] -= dtype(g * keep * w_t)
-                else:
-                    long_row_grad(src, dst, m, dtype(a), dtype(g * spread), dtype(g * keep * w_t), t, weight,
-                                  smoothing != 0.0, segment, half_format, stream)
+                                        z_loss, lse, total / UNSCALE)  # long_row_grad's exps are scaled
+                # (rows of 4 MB and more, hard_xent_split_rows, keep their exps instead)
+                long_row_grad(src, dst, m, dtype(a), dtype(g * spread), dtype(g * keep * w_t), t, weight,
+                              smoothing != 0.0, segment, half_format, stream)
             elif with_grad and valid:
                 dst = out[out_start + i * out_ld : out_start + i * out_ld + n_classes]
                 if paired_exps:  # row i was loaded and exponentiated with row i - 1, into row_b
@@ -360,12 +349,7 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 loss_sum += loss
                 z_sum += lse * lse
                 loss += z_loss * lse * lse
-            if row_loss.size:
-                row_loss[i] = loss
-            if row_lse.size:
-                row_lse[i] = lse
-            if row_argmax.size:
-                row_argmax[i] = argmax
+            record_row(i, loss, lse, argmax, row_loss, row_lse, row_argmax)
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
         store_fence()
@@ -472,7 +456,7 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 argmax = first_argmax(row, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(row, probs, weight, keep, spread)
                 total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes),
-                                        exact_exps(out))  # scaled
+                                    exact_exps(out))  # scaled
                 lse = lse_from_total(m, total * UNSCALE)
                 g = _grad_rows_at(grad_rows, i) * grad_scale
                 a = softmax_coefficient(g, _grad_rows_at(grad_rows, i) * z_grad_scale, v_total, z_loss, lse, total)
@@ -487,12 +471,7 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
             loss = v_total * lse - vx_total
             loss_sum += loss
             z_sum += lse * lse
-            if row_loss.size:
-                row_loss[i] = loss + z_loss * lse * lse
-            if row_lse.size:
-                row_lse[i] = lse
-            if row_argmax.size:
-                row_argmax[i] = argmax
+            record_row(i, loss + z_loss * lse * lse, lse, argmax, row_loss, row_lse, row_argmax)
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
         store_fence()
