@@ -679,13 +679,13 @@ def logsumexp_split_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format, seg
     n_parts = (n_cols + chunk - 1) // chunk
     part_max = np.empty(n_parts, np.float64)
     part_total = np.empty(n_parts, np.float64)
-    unused = np.zeros(n_parts, np.float64)
+    no_weighted, no_argmax = np.zeros(n_parts, np.float64), np.zeros(n_parts, np.int64)  # merged, unused
     for i in range(n_rows):
         src = x[x_start + i * x_ld : x_start + i * x_ld + n_cols]
         for c in numba.prange(n_parts):
             part_max[c], part_total[c], _ = long_row_max_sum(src[c * chunk : (c + 1) * chunk], segment, half_format,
                                                              out[:0])
-        m, total, _, _ = merged_long_row(part_max, part_total, unused, np.zeros(n_parts, np.int64))
+        m, total, _, _ = merged_long_row(part_max, part_total, no_weighted, no_argmax)
         out[i] = lse_from_total(m, total)
 
 
