@@ -20,7 +20,8 @@ import pytest
 
 from tests.conftest import needs_jit
 
-pytestmark = needs_jit("times compilation and the on-disk cache of compiled kernels")
+# `timing`: the README runs these after the rest of the suite, on an otherwise idle machine.
+pytestmark = [needs_jit("times compilation and the on-disk cache of compiled kernels"), pytest.mark.timing]
 
 FUNCTIONS = ["softmax", "log_softmax", "logsumexp", "softmax_backward", "log_softmax_backward",
              "cross_entropy", "cross_entropy_with_grad"]
