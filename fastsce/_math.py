@@ -53,6 +53,8 @@ __all__ = [
     "mul_pow2_from_shifted",
     "prefetch",
     "store_fence",
+    "stream_bfloat16_line",
+    "stream_float16_line",
     "stream_line",
     "CACHE_LINE_BYTES",
     "rounded_int_from_shifted",
@@ -197,6 +199,22 @@ def prefetch(typingctx, array, index):
 CACHE_LINE_BYTES = 64
 
 
+def _splat_value(builder, vector, value):
+    """``vector`` (a type) with ``value`` in every lane."""
+    splat = ir.Constant(vector, ir.Undefined)
+    for lane in range(vector.count):
+        splat = builder.insert_element(splat, value, ir.IntType(32)(lane))
+    return splat
+
+
+def _stream_store(context, builder, value, dst_type, dst, j):
+    """Store the 64-byte vector ``value`` at ``dst[j]`` (64-byte aligned), non-temporally."""
+    dst_data = context.make_array(dst_type)(context, builder, value=dst).data
+    store = builder.store(value, builder.bitcast(builder.gep(dst_data, [j]), value.type.as_pointer()),
+                          align=CACHE_LINE_BYTES)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+
+
 @intrinsic
 def stream_line(typingctx, dst, j, src, k, factor):
     """``dst[j : j + n] = src[k : k + n] · factor`` for one 64-byte cache line (``n = 64 //
@@ -210,18 +228,11 @@ def stream_line(typingctx, dst, j, src, k, factor):
     def codegen(context, builder, signature, args):
         element = context.get_value_type(signature.args[0].dtype)
         size = context.get_abi_sizeof(element)
-        lanes = CACHE_LINE_BYTES // size
-        vector = ir.VectorType(element, lanes)
-        dst_data = context.make_array(signature.args[0])(context, builder, value=args[0]).data
+        vector = ir.VectorType(element, CACHE_LINE_BYTES // size)
         src_data = context.make_array(signature.args[2])(context, builder, value=args[2]).data
         line = builder.load(builder.bitcast(builder.gep(src_data, [args[3]]), vector.as_pointer()), align=size)
-        splat = ir.Constant(vector, ir.Undefined)
-        for lane in range(lanes):
-            splat = builder.insert_element(splat, args[4], ir.IntType(32)(lane))
-        store = builder.store(builder.fmul(line, splat), builder.bitcast(builder.gep(dst_data, [args[1]]),
-                                                                          vector.as_pointer()),
-                              align=CACHE_LINE_BYTES)
-        store.set_metadata("nontemporal", builder.module.add_metadata([ir.IntType(32)(1)]))
+        _stream_store(context, builder, builder.fmul(line, _splat_value(builder, vector, args[4])),
+                      signature.args[0], args[0], args[1])
         return context.get_dummy_value()
 
     return types.none(dst, types.intp, src, types.intp, factor), codegen
@@ -256,6 +267,35 @@ def float16_bits_to_float32(typingctx, bits):
     return types.float32(types.uint16), codegen
 
 
+def _same_shape(typ, element):
+    """``element``, or a vector of it as long as ``typ`` if that is a vector."""
+    return ir.VectorType(element, typ.count) if isinstance(typ, ir.VectorType) else element
+
+
+def _splat(typ, value):
+    """A constant of ``typ`` (a scalar or a vector type) with ``value`` in every lane."""
+    return ir.Constant(typ, [value] * typ.count) if isinstance(typ, ir.VectorType) else ir.Constant(typ, value)
+
+
+def _float16_bits_ir(builder, value):
+    """float32 (scalar or vector) → float16 bits: ``fptrunc``, rounding to nearest even."""
+    half = builder.fptrunc(value, _same_shape(value.type, ir.HalfType()))
+    return builder.bitcast(half, _same_shape(value.type, ir.IntType(16)))
+
+
+def _bfloat16_bits_ir(builder, value):
+    """float32 (scalar or vector) → bfloat16 bits, rounded to nearest even; NaN stays a
+    (quiet) NaN."""
+    i32 = _same_shape(value.type, ir.IntType(32))
+    bits = builder.bitcast(value, i32)
+    high = builder.lshr(bits, _splat(i32, 16))
+    lsb = builder.and_(high, _splat(i32, 1))
+    rounded = builder.lshr(builder.add(builder.add(bits, _splat(i32, 0x7FFF)), lsb), _splat(i32, 16))
+    quiet_nan = builder.or_(high, _splat(i32, 0x40))
+    is_nan = builder.fcmp_unordered("uno", value, value)
+    return builder.trunc(builder.select(is_nan, quiet_nan, rounded), _same_shape(value.type, ir.IntType(16)))
+
+
 @intrinsic
 def float32_to_float16_bits(typingctx, value):
     """float32 → float16 bits, rounded to nearest even; overflow → inf, NaN stays NaN."""
@@ -263,8 +303,7 @@ def float32_to_float16_bits(typingctx, value):
         return None
 
     def codegen(context, builder, signature, args):
-        half = builder.fptrunc(args[0], ir.HalfType())
-        return builder.bitcast(half, ir.IntType(16))
+        return _float16_bits_ir(builder, args[0])
 
     return types.uint16(types.float32), codegen
 
@@ -289,15 +328,40 @@ def float32_to_bfloat16_bits(typingctx, value):
         return None
 
     def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        bits = builder.bitcast(args[0], i32)
-        lsb = builder.and_(builder.lshr(bits, i32(16)), i32(1))
-        rounded = builder.lshr(builder.add(builder.add(bits, i32(0x7FFF)), lsb), i32(16))
-        quiet_nan = builder.or_(builder.lshr(bits, i32(16)), i32(0x40))
-        is_nan = builder.fcmp_unordered("uno", args[0], args[0])
-        return builder.trunc(builder.select(is_nan, quiet_nan, rounded), ir.IntType(16))
+        return _bfloat16_bits_ir(builder, args[0])
 
     return types.uint16(types.float32), codegen
+
+
+def _make_stream_encoded_line(encode_ir, name: str):
+    """An intrinsic ``name(bits, j, values, k, factor)``: ``bits[j : j + 32] = 16-bit(values[k
+    : k + 32] · factor)``, one 64-byte cache line of ``bits`` (``bits[j]`` 64-byte
+    aligned) encoded by ``encode_ir`` in registers and stored non-temporally (see
+    :func:`stream_line`)."""
+
+    @intrinsic
+    def stream_encoded_line(typingctx, bits, j, values, k, factor):
+        if not (isinstance(bits, types.Array) and bits.dtype == types.uint16 and isinstance(values, types.Array)
+                and values.dtype == types.float32 and factor == types.float32):
+            return None
+
+        def codegen(context, builder, signature, args):
+            lanes = CACHE_LINE_BYTES // 2
+            vector = ir.VectorType(ir.FloatType(), lanes)
+            data = context.make_array(signature.args[2])(context, builder, value=args[2]).data
+            line = builder.load(builder.bitcast(builder.gep(data, [args[3]]), vector.as_pointer()), align=4)
+            encoded = encode_ir(builder, builder.fmul(line, _splat_value(builder, vector, args[4])))
+            _stream_store(context, builder, encoded, signature.args[0], args[0], args[1])
+            return context.get_dummy_value()
+
+        return types.none(bits, types.intp, values, types.intp, factor), codegen
+
+    stream_encoded_line.__name__ = stream_encoded_line.__qualname__ = name
+    return stream_encoded_line
+
+
+stream_float16_line = _make_stream_encoded_line(_float16_bits_ir, "stream_float16_line")
+stream_bfloat16_line = _make_stream_encoded_line(_bfloat16_bits_ir, "stream_bfloat16_line")
 
 
 if numba.config.DISABLE_JIT:
@@ -355,6 +419,14 @@ if numba.config.DISABLE_JIT:
     def stream_line(dst, j, src, k, factor):  # noqa: F811
         n = CACHE_LINE_BYTES // dst.itemsize
         dst[j : j + n] = src[k : k + n] * factor
+
+    def stream_float16_line(bits, j, values, k, factor):  # noqa: F811
+        for i in range(CACHE_LINE_BYTES // 2):
+            bits[j + i] = float32_to_float16_bits(np.float32(values[k + i] * factor))
+
+    def stream_bfloat16_line(bits, j, values, k, factor):  # noqa: F811
+        for i in range(CACHE_LINE_BYTES // 2):
+            bits[j + i] = float32_to_bfloat16_bits(np.float32(values[k + i] * factor))
 
     def store_fence():  # noqa: F811
         pass

@@ -27,6 +27,7 @@ HOT_LOOPS = [
     ("softmax", "pair_exp_inplace"),
     ("rowio", "copy_scaled"),
     ("rowio", "stream_scaled"),
+    ("rowio", "stream_encoded"),
     ("softmax", "columns_max"),
     ("softmax", "columns_exp_inplace"),
     ("softmax", "columns_sum_exp"),
@@ -52,6 +53,7 @@ SCRIPT = textwrap.dedent(
     fastsce.logsumexp(paired), fastsce.cross_entropy_with_grad(paired, np.zeros(64, np.int64))
     big = rng.standard_normal((1280, 4096), dtype=np.float32)  # streamed: 20 MB of 16 KB rows
     fastsce.softmax(big, out=big)
+    fastsce.softmax(np.zeros((2048, 4096), np.float16))  # streamed 16-bit bits: 16 MB of 8 KB rows
     @numba.njit
     def control(a):  # libm's scalar exp and log: what the patterns below must catch
         for i in range(a.size):
@@ -75,7 +77,8 @@ SCRIPT = textwrap.dedent(
                 "libm_exp": len(re.findall(r"[$\\s](expf?|__expf?_finite)(@|\\b)", asm)),
                 "libm_log": len(re.findall(r"[$\\s](logf?|__logf?_finite)(@|\\b)", asm)),
                 "packed_div": len(re.findall(r"\\bvdivpd\\s.*%[yz]mm", asm)),
-                "nontemporal": len(re.findall(r"\\bvmovntp[sd]\\s", asm)),
+                "nontemporal": len(re.findall(r"\\bvmovnt(p[sd]|dq)\\s", asm)),
+                "packed_to_half": len(re.findall(r"\\bvcvtps2ph\\s.*%[yz]mm", asm)),
                 "prefetch": len(re.findall(r"\\bprefetcht0\\s", asm)),
             })
         report[name] = {key: (max if key.startswith("libm") else min)(c[key] for c in counts) for key in counts[0]}
@@ -139,6 +142,13 @@ def test_scaling_is_vectorized(codegen, name):
 def test_streamed_rows_use_nontemporal_stores(codegen):
     """Big outputs are written around the caches, a cache line per store pair."""
     assert codegen["stream_scaled"]["nontemporal"] >= 1, codegen["stream_scaled"]
+
+
+def test_streamed_16_bit_rows_are_encoded_in_registers(codegen):
+    """16-bit outputs too: a cache line of bits converted with packed instructions (F16C's
+    vcvtps2ph for float16) and stored non-temporally."""
+    assert codegen["stream_encoded"]["nontemporal"] >= 1, codegen["stream_encoded"]
+    assert codegen["stream_encoded"]["packed_to_half"] >= 1, codegen["stream_encoded"]
 
 
 @pytest.mark.parametrize("name", ["exp_inplace", "row_sum_exp"])

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_dtypes
 import numba
 import numpy as np
 import pytest
@@ -85,7 +86,7 @@ def test_pure_python_mode_passes_a_representative_subset():
 # ------------------------------------------------------------- streamed stores ----
 @pytest.fixture
 def stream_everything(monkeypatch):
-    """Every float output takes the streamed-store path, whatever its size. Under
+    """Every output takes the streamed-store path, whatever its size. Under
     NUMBA_DISABLE_JIT=1 the calls to the streaming loop are also counted."""
     for name in ("fastsce.softmax", "fastsce.loss"):
         monkeypatch.setattr(importlib.import_module(name), "streams", lambda output_bytes, row_bytes: True)
@@ -93,13 +94,18 @@ def stream_everything(monkeypatch):
     if NO_JIT:
         from fastsce._kernels import rowio
 
-        stream_scaled = rowio.stream_scaled
+        stream_scaled, stream_encoded = rowio.stream_scaled, rowio.stream_encoded
 
         def counted(src, dst, factor):
             calls.append(dst.size)
             return stream_scaled(src, dst, factor)
 
+        def counted_bits(values, bits, half_format, factor):
+            calls.append(bits.size)
+            return stream_encoded(values, bits, half_format, factor)
+
         monkeypatch.setattr(rowio, "stream_scaled", counted)
+        monkeypatch.setattr(rowio, "stream_encoded", counted_bits)
     yield calls
     if NO_JIT:
         assert calls, "the streamed-store path was not taken"
@@ -184,6 +190,43 @@ def test_streamed_cross_entropy_gradient(stream_everything, kind, dtype):
         assert grad is y
         assert_loss_close(loss, expected_loss, dtype, reduction)
         assert_grad_close(grad, expected_grad, dtype)
+
+
+@pytest.mark.parametrize("half", ["float16", "bfloat16"])
+@pytest.mark.parametrize("shape", STREAM_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_streamed_16_bit_outputs_have_the_bits_of_plain_stores(monkeypatch, shape, half):
+    """16-bit results streamed (encoded a cache line at a time in registers) are the very
+    bits the plain stores write: softmax, log_softmax and the cross-entropy gradient, into
+    fresh arrays, strided views 3 elements off the alignment, and in place."""
+    dtype = np.dtype(ml_dtypes.bfloat16) if half == "bfloat16" else np.dtype(np.float16)
+    rng = np.random.default_rng(34)
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    x[0, 1], x[-1, :2] = np.nan, np.inf  # NaN and overflow through the encoder
+    t = rng.integers(0, shape[1], shape[0])
+
+    def results():
+        out = np.full((shape[0], shape[1] + 5), 7.0, dtype)
+        in_place = x.copy()
+        fastsce.log_softmax(in_place, out=in_place)
+        computed = [fastsce.softmax(x), fastsce.log_softmax(x), fastsce.cross_entropy_with_grad(x, t)[1],
+                    fastsce.softmax(x, out=out[:, 3 : 3 + shape[1]]), in_place]
+        assert np.all(out[:, :3] == 7.0) and np.all(out[:, 3 + shape[1] :] == 7.0)  # nothing written around
+        return [r.view(np.uint16).copy() for r in computed]
+
+    plain = results()
+    calls = []
+    for name in ("fastsce.softmax", "fastsce.loss"):
+        monkeypatch.setattr(importlib.import_module(name), "streams", lambda output_bytes, row_bytes: True)
+    if NO_JIT:
+        from fastsce._kernels import rowio
+
+        stream_encoded = rowio.stream_encoded
+        monkeypatch.setattr(rowio, "stream_encoded", lambda *args: calls.append(1) or stream_encoded(*args))
+    streamed = results()
+    for got, expected in zip(streamed, plain):
+        np.testing.assert_array_equal(got, expected)
+    if NO_JIT:
+        assert calls, "the streamed-store path was not taken"
 
 
 # ------------------------------------------------------------------------ layout ----

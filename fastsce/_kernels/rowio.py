@@ -3,7 +3,7 @@
 Row kernels compute on a *working row*, a scratch row per task (float32 for
 float16/bfloat16 outputs, which arrive as uint16 bits), and write it out once, at the
 end; outputs bigger than the cache are *streamed* (non-temporal stores, see
-:func:`stream_scaled`). The small-class kernels compute on a block of rows transposed
+:func:`stream_scaled`, and :func:`stream_encoded` for 16-bit bits). The small-class kernels compute on a block of rows transposed
 into a (classes, rows) tile.
 These helpers resolve at compile time from the array types (Numba overloads), so each
 kernel is written once and compiled per dtype:
@@ -32,12 +32,14 @@ from .._config import ELEMENTWISE_FASTMATH, FASTMATH, JIT_OPTIONS
 from .._math import (
     CACHE_LINE_BYTES,
     FLOAT16,
-    stream_line,
     bfloat16_bits_to_float32,
     float16_bits_to_float32,
     float32_to_bfloat16_bits,
     float32_to_float16_bits,
     fmaximum,
+    stream_bfloat16_line,
+    stream_float16_line,
+    stream_line,
 )
 
 _reduction = numba.njit(fastmath=FASTMATH, **JIT_OPTIONS)
@@ -103,6 +105,38 @@ def encode_into(values, bits, half_format, factor):
 
 
 @_elementwise
+def stream_encoded(values, bits, half_format, factor):
+    """:func:`encode_into`, written around the caches as :func:`stream_scaled` writes
+    floats: whole aligned cache lines of ``bits`` encoded in registers and stored
+    non-temporally, the ragged ends by plain stores. Callers end a task with
+    ``store_fence()``."""
+    line = CACHE_LINE_BYTES // bits.itemsize
+    head = first_line_start(bits)
+    encode_into(values[:head], bits[:head], half_format, factor)
+    j = head
+    if half_format == FLOAT16:
+        while j + line <= bits.size:
+            stream_float16_line(bits, j, values, j, factor)
+            j += line
+    else:
+        while j + line <= bits.size:
+            stream_bfloat16_line(bits, j, values, j, factor)
+            j += line
+    encode_into(values[j:], bits[j:], half_format, factor)
+
+
+@numba.njit(**JIT_OPTIONS)
+def first_line_start(dst):
+    """Index of ``dst``'s first element on a cache-line boundary, or ``dst.size`` if none
+    (elements misaligned within lines never meet one)."""
+    size = dst.itemsize
+    offset = np.intp(dst.ctypes.data) % CACHE_LINE_BYTES
+    if offset % size:
+        return dst.size
+    return min(dst.size, ((CACHE_LINE_BYTES - offset) % CACHE_LINE_BYTES) // size)
+
+
+@_elementwise
 def copy_scaled(src, dst, factor):
     """``dst[:] = src · factor`` (no overlap)."""
     for j in range(dst.size):
@@ -114,13 +148,8 @@ def stream_scaled(src, dst, factor):
     """``dst[:] = src · factor`` (no overlap), written around the caches: whole aligned
     cache lines by non-temporal stores, the ragged ends by plain ones. Callers end a
     task with ``store_fence()``."""
-    size = dst.itemsize
-    line = CACHE_LINE_BYTES // size
-    offset = np.intp(dst.ctypes.data) % CACHE_LINE_BYTES
-    if offset % size:
-        head = dst.size  # misaligned elements: no line boundary to meet
-    else:
-        head = min(dst.size, ((CACHE_LINE_BYTES - offset) % CACHE_LINE_BYTES) // size)
+    line = CACHE_LINE_BYTES // dst.itemsize
+    head = first_line_start(dst)
     for j in range(head):
         dst[j] = src[j] * factor
     j = head
@@ -263,7 +292,9 @@ def store_row(row, dst, half_format, stream, factor=1.0):
     """Write the working ``row · factor`` to ``dst``: encoded if 16-bit, else streamed
     around the caches (``stream``) or copied. (Scaling on the way out saves a pass.)"""
     factor = row.dtype.type(factor)
-    if dst.dtype == np.uint16:
+    if dst.dtype == np.uint16 and stream:
+        stream_encoded(row, dst, half_format, factor)
+    elif dst.dtype == np.uint16:
         encode_into(row, dst, half_format, factor)
     elif stream:
         stream_scaled(row, dst, factor)
@@ -276,7 +307,10 @@ def _store_row(row, dst, half_format, stream, factor=1.0):
     if _is_bits(dst):
 
         def encode(row, dst, half_format, stream, factor=1.0):
-            encode_into(row, dst, half_format, row.dtype.type(factor))
+            if stream:
+                stream_encoded(row, dst, half_format, row.dtype.type(factor))
+            else:
+                encode_into(row, dst, half_format, row.dtype.type(factor))
 
         return encode
 
