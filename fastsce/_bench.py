@@ -105,7 +105,7 @@ def numpy_reference(op: str, x: np.ndarray, target: np.ndarray, axis: int) -> Ca
         p = softmax()
         loss = float(np.mean(-np.log(p[rows, target])))
         p[rows, target] -= 1.0
-        p /= target.size
+        p /= np.float32(target.size)  # a float16 array has no 65536: divide in float32
         return loss, p
 
     return locals()[op]

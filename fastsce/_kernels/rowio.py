@@ -3,8 +3,8 @@
 Row kernels compute on a *working row*, a scratch row per task (float32 for
 float16/bfloat16 outputs, which arrive as uint16 bits), and write it out once, at the
 end; outputs bigger than the cache are *streamed* (non-temporal stores, see
-:func:`stream_scaled`, and :func:`stream_encoded` for 16-bit bits). The small-class kernels compute on a block of rows transposed
-into a (classes, rows) tile.
+:func:`stream_scaled`, and :func:`stream_encoded` for 16-bit bits). The small-class
+kernels compute on a block of rows transposed into a (classes, rows) tile.
 These helpers resolve at compile time from the array types (Numba overloads), so each
 kernel is written once and compiled per dtype:
 

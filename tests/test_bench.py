@@ -1,0 +1,39 @@
+"""``python -m fastsce bench``'s NumPy references compute what they stand for: a reference
+that is fast because it is wrong would make every speed-up over it meaningless."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastsce
+from fastsce._bench import OPS, numpy_reference
+from tests.conftest import jit_or_pure
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["f32", "f16"])
+def test_numpy_references_agree_with_fastsce(op, dtype):
+    """Also at 70000 rows, more than float16's largest finite value: the gradient's mean
+    divisor once overflowed a float16 cast to inf and made the reference gradient 0."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((jit_or_pure(70_000, 700), 3)).astype(dtype)
+    target = rng.integers(0, 3, x.shape[0])
+    got = numpy_reference(op, x, target, -1)()
+    expected = {
+        "softmax": lambda: fastsce.softmax(x),
+        "log_softmax": lambda: fastsce.log_softmax(x),
+        "logsumexp": lambda: fastsce.logsumexp(x),
+        "cross_entropy": lambda: fastsce.cross_entropy(x, target),
+        "cross_entropy_with_grad": lambda: fastsce.cross_entropy_with_grad(x, target),
+    }[op]()
+    # NumPy computes float16 in float16 (a few of its ulp off); fastsce in float32, rounded once
+    tol = dict(rtol=1e-2, atol=4e-3) if dtype == np.float16 else dict(rtol=1e-5, atol=1e-6)
+    grad_atol = 2e-7 if dtype == np.float16 else 1e-10  # the gradient's entries are ~1/rows
+    if op == "cross_entropy_with_grad":
+        np.testing.assert_allclose(got[0], float(expected[0]), **tol)
+        np.testing.assert_allclose(np.asarray(got[1], np.float64), np.asarray(expected[1], np.float64),
+                                   rtol=tol["rtol"], atol=grad_atol)
+        assert np.abs(np.asarray(got[1], np.float64)).max() > 1e-6
+    else:
+        np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(expected, np.float64), **tol)
