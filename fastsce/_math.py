@@ -199,8 +199,8 @@ def prefetch(typingctx, array, index):
 CACHE_LINE_BYTES = 64
 
 
-def _splat_value(builder, vector, value):
-    """``vector`` (a type) with ``value`` in every lane."""
+def _broadcast(builder, vector, value):
+    """A ``vector`` (a type) with the runtime ``value`` in every lane."""
     splat = ir.Constant(vector, ir.Undefined)
     for lane in range(vector.count):
         splat = builder.insert_element(splat, value, ir.IntType(32)(lane))
@@ -231,7 +231,7 @@ def stream_line(typingctx, dst, j, src, k, factor):
         vector = ir.VectorType(element, CACHE_LINE_BYTES // size)
         src_data = context.make_array(signature.args[2])(context, builder, value=args[2]).data
         line = builder.load(builder.bitcast(builder.gep(src_data, [args[3]]), vector.as_pointer()), align=size)
-        _stream_store(context, builder, builder.fmul(line, _splat_value(builder, vector, args[4])),
+        _stream_store(context, builder, builder.fmul(line, _broadcast(builder, vector, args[4])),
                       signature.args[0], args[0], args[1])
         return context.get_dummy_value()
 
@@ -272,7 +272,7 @@ def _same_shape(typ, element):
     return ir.VectorType(element, typ.count) if isinstance(typ, ir.VectorType) else element
 
 
-def _splat(typ, value):
+def _constant_splat(typ, value):
     """A constant of ``typ`` (a scalar or a vector type) with ``value`` in every lane."""
     return ir.Constant(typ, [value] * typ.count) if isinstance(typ, ir.VectorType) else ir.Constant(typ, value)
 
@@ -288,10 +288,11 @@ def _bfloat16_bits_ir(builder, value):
     (quiet) NaN."""
     i32 = _same_shape(value.type, ir.IntType(32))
     bits = builder.bitcast(value, i32)
-    high = builder.lshr(bits, _splat(i32, 16))
-    lsb = builder.and_(high, _splat(i32, 1))
-    rounded = builder.lshr(builder.add(builder.add(bits, _splat(i32, 0x7FFF)), lsb), _splat(i32, 16))
-    quiet_nan = builder.or_(high, _splat(i32, 0x40))
+    high = builder.lshr(bits, _constant_splat(i32, 16))
+    lsb = builder.and_(high, _constant_splat(i32, 1))
+    rounded = builder.lshr(builder.add(builder.add(bits, _constant_splat(i32, 0x7FFF)), lsb),
+                           _constant_splat(i32, 16))
+    quiet_nan = builder.or_(high, _constant_splat(i32, 0x40))
     is_nan = builder.fcmp_unordered("uno", value, value)
     return builder.trunc(builder.select(is_nan, quiet_nan, rounded), _same_shape(value.type, ir.IntType(16)))
 
@@ -350,7 +351,7 @@ def _make_stream_encoded_line(encode_ir, name: str):
             vector = ir.VectorType(ir.FloatType(), lanes)
             data = context.make_array(signature.args[2])(context, builder, value=args[2]).data
             line = builder.load(builder.bitcast(builder.gep(data, [args[3]]), vector.as_pointer()), align=4)
-            encoded = encode_ir(builder, builder.fmul(line, _splat_value(builder, vector, args[4])))
+            encoded = encode_ir(builder, builder.fmul(line, _broadcast(builder, vector, args[4])))
             _stream_store(context, builder, encoded, signature.args[0], args[0], args[1])
             return context.get_dummy_value()
 

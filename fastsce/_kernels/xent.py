@@ -434,8 +434,9 @@ def hard_xent_split_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cla
 
 
 @parallel
-def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n_rows, n_classes, with_grad, weight, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows,
-                   chunk_loss, chunk_z, row_loss, row_lse, row_argmax, half_format, stream):
+def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n_rows, n_classes, with_grad, weight,
+                   smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, chunk_loss, chunk_z, row_loss, row_lse,
+                   row_argmax, half_format, stream):
     """Cross-entropy with class-probability targets ``y`` for each row; see the module
     docstring. Arguments as :func:`hard_xent_rows`."""
     keep = 1.0 - smoothing
