@@ -9,6 +9,7 @@ on a shared machine drift.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
@@ -251,11 +252,19 @@ def format_linear_row(r: Result, shape: tuple[int, int, int] = LINEAR_SHAPE) -> 
 
 # ---------------------------------------------------------------------- driver ----
 def make_data(case: Case, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Normal logits and random targets for ``case``: the same arrays for every op of one
+    shape and dtype (no timed call writes into them; fastsce's write to ``out=``)."""
+    return _data(case.rows, case.classes, case.dtype, case.axis, seed)
+
+
+# The last shape's data is kept: the cases of one shape follow each other, and drawing
+# 8192 x 32000 normal samples took 4.4 s, longer than timing one op on them.
+@functools.lru_cache(maxsize=1)
+def _data(rows: int, classes: int, dtype: str, axis: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    shape = (case.classes, case.rows) if case.axis == 0 else (case.rows, case.classes)
-    x = rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(case.dtype), copy=False)
-    target = rng.integers(0, case.classes, case.rows)
-    return x, target
+    shape = (classes, rows) if axis == 0 else (rows, classes)
+    x = rng.standard_normal(shape, dtype=np.float32).astype(numpy_dtype(dtype), copy=False)
+    return x, rng.integers(0, classes, rows)
 
 
 def copy_limit(case: Case) -> float:
@@ -351,6 +360,9 @@ def main(argv: list[str]) -> int:
         except ImportError:
             pass
     repeats = args.repeats or (7 if args.full else 5)
+    # Peers allocate every result afresh (page faults) and take 3-8x longer per call: in the
+    # quick run their min of 3 keeps the whole run near a minute.
+    peer_repeats = args.repeats or (7 if args.full else 3)
     cases = cases_for(FULL_SHAPES if args.full else QUICK_SHAPES, ops, dtypes, args.full)
     print(f"fastsce {fastsce.__version__}, {fastsce.get_num_threads()} threads, {len(cases)} cases", flush=True)
     print(HEADER, flush=True)
@@ -366,7 +378,7 @@ def main(argv: list[str]) -> int:
     if not args.no_peers:
         for n, result in enumerate(results, 1):
             show_progress(f"[{n}/{len(cases)}] {result.case.label}: NumPy, torch, JAX ...")
-            time_peers(result, repeats)
+            time_peers(result, peer_repeats)
             print(format_row(result), flush=True)
     if args.linear or args.full:
         show_progress("[linear] linear_cross_entropy_with_grad ...")
