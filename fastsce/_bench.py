@@ -290,7 +290,7 @@ def time_case(case: Case, repeats: int) -> Result:
 
 
 def time_peers(result: Result, repeats: int) -> None:
-    """NumPy, torch and JAX on the case of ``result`` (the same data, regenerated)."""
+    """NumPy, torch and JAX on the case of ``result``, on the same data (:func:`make_data`)."""
     case = result.case
     x, target = make_data(case)
     result.numpy_s = best_time(numpy_reference(case.op, x, target, case.axis), max(2, repeats // 2))

@@ -428,7 +428,7 @@ def hard_xent_split_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_cla
             elif with_grad:
                 for c in numba.prange(n_parts):
                     zero_inplace(dst[c * chunk : (c + 1) * chunk])
-            record_row(i, loss, lse, argmax if row_argmax.size else -1, row_loss, row_lse, row_argmax)
+            record_row(i, loss, lse, argmax, row_loss, row_lse, row_argmax)
         chunk_loss[k] = loss_sum
         chunk_z[k] = z_sum
 
