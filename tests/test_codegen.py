@@ -32,6 +32,8 @@ HOT_LOOPS = [
     ("softmax", "columns_exp_inplace"),
     ("softmax", "columns_sum_exp"),
     ("softmax", "columns_lse"),
+    ("rowio", "transpose_into"),
+    ("rowio", "transpose_from"),
 ]
 
 SCRIPT = textwrap.dedent(
@@ -80,6 +82,7 @@ SCRIPT = textwrap.dedent(
                 "nontemporal": len(re.findall(r"\\bvmovnt(p[sd]|dq)\\s", asm)),
                 "packed_to_half": len(re.findall(r"\\bvcvtps2ph\\s.*%[yz]mm", asm)),
                 "prefetch": len(re.findall(r"\\bprefetcht0\\s", asm)),
+                "packed_shuffle": len(re.findall(r"\\bv(perm[it]2p[sd]|shuf[f\\w]*|unpck\\w+|permp[sd]|insertf\\w+)\\s.*%[yz]mm", asm)),
             })
         report[name] = {key: (max if key.startswith("libm") else min)(c[key] for c in counts) for key in counts[0]}
         report[name]["variants"] = len(counts)
@@ -154,3 +157,10 @@ def test_streamed_16_bit_rows_are_encoded_in_registers(codegen):
 @pytest.mark.parametrize("name", ["exp_inplace", "row_sum_exp"])
 def test_exp_loops_prefetch_the_next_row(codegen, name):
     assert codegen[name]["prefetch"] >= 1, codegen[name]
+
+
+@pytest.mark.parametrize("name", ["transpose_into", "transpose_from"])
+def test_small_class_transposes_run_in_registers(codegen, name):
+    """A group of 16 float32 rows is transposed by a network of 64 two-input shuffles
+    (design.md §5: several rows per vector step), not element by element."""
+    assert codegen[name]["packed_shuffle"] >= 32, codegen[name]

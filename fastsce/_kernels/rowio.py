@@ -32,14 +32,22 @@ from .._config import ELEMENTWISE_FASTMATH, FASTMATH, JIT_OPTIONS
 from .._math import (
     CACHE_LINE_BYTES,
     FLOAT16,
+    TRANSPOSE_BYTES,
+    TRANSPOSE_MIN_CLASSES,
     bfloat16_bits_to_float32,
+    bfloat16_rows_into_tile,
     float16_bits_to_float32,
+    float16_rows_into_tile,
     float32_to_bfloat16_bits,
     float32_to_float16_bits,
     fmaximum,
+    rows_into_tile,
     stream_bfloat16_line,
     stream_float16_line,
     stream_line,
+    tile_into_bfloat16_rows,
+    tile_into_float16_rows,
+    tile_into_rows,
 )
 
 _reduction = numba.njit(fastmath=FASTMATH, **JIT_OPTIONS)
@@ -161,58 +169,78 @@ def stream_scaled(src, dst, factor):
 
 
 # Transposes between back-to-back rows of `n_cols` classes and a (n_cols, rows) tile.
-# Plain loops, class by class (strided reads, contiguous writes, or the reverse): 0.4 ns
-# per element here; a row of few classes is too short for a vector loop of its own.
+# Whole groups of rows go through vector registers (see _math's in-register
+# transposes); the rows left over, and rows of too few classes for a group to pay, take
+# plain loops class by class (strided reads, contiguous writes, or the reverse).
+@glue
+def grouped_rows(n_rows, n_cols, tile):
+    """``(leading rows the in-register transposes take, rows per group)``."""
+    group = TRANSPOSE_BYTES // tile.itemsize
+    if TRANSPOSE_MIN_CLASSES <= n_cols <= group:
+        return n_rows // group * group, group
+    return 0, group
+
+
 @_elementwise
 def transpose_into(src, n_cols, tile):
     """``tile[c, r] = src[r, c]``."""
     n_rows = tile.size // n_cols
+    done, group = grouped_rows(n_rows, n_cols, tile)
+    for r in range(0, done, group):
+        rows_into_tile(src, r * n_cols, n_cols, tile, r, n_rows)
     for c in range(n_cols):
-        seg = tile[c * n_rows : (c + 1) * n_rows]
-        for r in range(n_rows):
-            seg[r] = src[r * n_cols + c]
+        for r in range(done, n_rows):
+            tile[c * n_rows + r] = src[r * n_cols + c]
 
 
 @_elementwise
 def decode_transposed(bits, n_cols, tile, half_format):
     """``tile[c, r] = float(bits[r, c])`` for float16/bfloat16 ``bits``."""
     n_rows = tile.size // n_cols
+    done, group = grouped_rows(n_rows, n_cols, tile)
     if half_format == FLOAT16:
+        for r in range(0, done, group):
+            float16_rows_into_tile(bits, r * n_cols, n_cols, tile, r, n_rows)
         for c in range(n_cols):
-            seg = tile[c * n_rows : (c + 1) * n_rows]
-            for r in range(n_rows):
-                seg[r] = float16_bits_to_float32(bits[r * n_cols + c])
+            for r in range(done, n_rows):
+                tile[c * n_rows + r] = float16_bits_to_float32(bits[r * n_cols + c])
     else:
+        for r in range(0, done, group):
+            bfloat16_rows_into_tile(bits, r * n_cols, n_cols, tile, r, n_rows)
         for c in range(n_cols):
-            seg = tile[c * n_rows : (c + 1) * n_rows]
-            for r in range(n_rows):
-                seg[r] = bfloat16_bits_to_float32(bits[r * n_cols + c])
+            for r in range(done, n_rows):
+                tile[c * n_rows + r] = bfloat16_bits_to_float32(bits[r * n_cols + c])
 
 
 @_elementwise
 def transpose_from(tile, n_cols, dst):
     """``dst[r, c] = tile[c, r]``."""
     n_rows = tile.size // n_cols
+    done, group = grouped_rows(n_rows, n_cols, tile)
+    for r in range(0, done, group):
+        tile_into_rows(tile, r, n_rows, n_cols, dst, r * n_cols)
     for c in range(n_cols):
-        seg = tile[c * n_rows : (c + 1) * n_rows]
-        for r in range(n_rows):
-            dst[r * n_cols + c] = seg[r]
+        for r in range(done, n_rows):
+            dst[r * n_cols + c] = tile[c * n_rows + r]
 
 
 @_elementwise
 def encode_transposed(tile, n_cols, bits, half_format):
     """``bits[r, c] = 16-bit(tile[c, r])``, rounded to nearest even."""
     n_rows = tile.size // n_cols
+    done, group = grouped_rows(n_rows, n_cols, tile)
     if half_format == FLOAT16:
+        for r in range(0, done, group):
+            tile_into_float16_rows(tile, r, n_rows, n_cols, bits, r * n_cols)
         for c in range(n_cols):
-            seg = tile[c * n_rows : (c + 1) * n_rows]
-            for r in range(n_rows):
-                bits[r * n_cols + c] = float32_to_float16_bits(np.float32(seg[r]))
+            for r in range(done, n_rows):
+                bits[r * n_cols + c] = float32_to_float16_bits(np.float32(tile[c * n_rows + r]))
     else:
+        for r in range(0, done, group):
+            tile_into_bfloat16_rows(tile, r, n_rows, n_cols, bits, r * n_cols)
         for c in range(n_cols):
-            seg = tile[c * n_rows : (c + 1) * n_rows]
-            for r in range(n_rows):
-                bits[r * n_cols + c] = float32_to_bfloat16_bits(np.float32(seg[r]))
+            for r in range(done, n_rows):
+                bits[r * n_cols + c] = float32_to_bfloat16_bits(np.float32(tile[c * n_rows + r]))
 
 
 # ------------------------------------------------------ dtype-generic helpers ----
