@@ -3,8 +3,8 @@
 Every case is timed side by side in one process: ``np.copyto`` of the same array (the
 floor for a kernel that reads the logits once and writes one array), the NumPy
 reference, and torch/JAX on the CPU when they are importable. Times are the minimum of
-several repetitions; ratios are what the targets are stated in, because absolute times
-on a shared machine drift.
+several repetitions, fastsce and the copy in alternating rounds; ratios are what the
+targets are stated in, because absolute times on a shared machine drift.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import functools
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -72,12 +72,22 @@ class Result:
 
 def best_time(fn: Callable[[], Any], repeats: int) -> float:
     """Minimum wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return best_times([fn], repeats)[0]
+
+
+def best_times(fns: Sequence[Callable[[], Any]], repeats: int) -> list[float]:
+    """Minimum wall time of each of ``fns`` over ``repeats`` rounds that call them in
+    turn, after one warm-up call each. On a shared machine a burst of load from
+    elsewhere then slows one round of every function instead of one function's whole
+    series: a ratio of these minima is a ratio measured under the same conditions."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - start)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for k, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - start)
     return best
 
 
@@ -218,8 +228,9 @@ def run_linear(repeats: int, peers: bool, shape: tuple[int, int, int] = LINEAR_S
     """linear_cross_entropy_with_grad against its three matmuls (target <= 1.2x) and torch's
     materialized F.linear + F.cross_entropy forward and backward (target: slower than fastsce)."""
     hidden, weight, target = linear_inputs(shape)
-    matmuls_s = best_time(linear_three_matmuls(hidden, weight), repeats)
-    fastsce_s = best_time(lambda: fastsce.linear_cross_entropy_with_grad(hidden, weight, target), repeats)
+    matmuls_s, fastsce_s = best_times(
+        [linear_three_matmuls(hidden, weight), lambda: fastsce.linear_cross_entropy_with_grad(hidden, weight, target)],
+        repeats)
     # copy_s holds the matmuls' time: the floor of this case
     result = Result(Case("linear_cross_entropy_with_grad", shape[0], shape[2], "float32"), fastsce_s, matmuls_s)
     result.targets["matmuls x1.2"] = fastsce_s <= 1.2 * matmuls_s
@@ -282,8 +293,8 @@ def time_case(case: Case, repeats: int) -> Result:
     """fastsce and ``np.copyto`` of the same array, measured side by side."""
     x, target = make_data(case)
     out = np.empty_like(x)
-    copy_s = best_time(lambda: np.copyto(out, x), repeats)
-    fastsce_s = best_time(fastsce_call(case.op, x, target, case.axis, out), repeats)
+    copy_s, fastsce_s = best_times([lambda: np.copyto(out, x), fastsce_call(case.op, x, target, case.axis, out)],
+                                   repeats)
     result = Result(case, fastsce_s, copy_s)
     result.targets["copy"] = fastsce_s <= copy_limit(case) * copy_s
     return result
