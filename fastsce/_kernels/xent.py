@@ -65,6 +65,12 @@ from .._config import CHUNK_ROWS, ELEMENTWISE_FASTMATH, JIT_OPTIONS, MIN_CHUNKS
 elementwise = numba.njit(fastmath=ELEMENTWISE_FASTMATH, **JIT_OPTIONS)
 
 
+# Row-block tasks take this many loss chunks each, and allocate their tile and scratch
+# once (a chunk is 2560 elements at 10 classes). Each chunk's sums are its own, so the
+# grouping changes no result.
+CHUNKS_PER_TASK = 16
+
+
 @glue
 def chunk_rows(n_rows):
     """Rows per loss chunk: ``_config.loss_chunk_rows``, which the wrapper uses."""
@@ -607,21 +613,41 @@ def columns_zero_where(x, base, stride, n_classes, ignored):
 
 
 @glue
+def hard_tile_scratch(width, x, weight, row_argmax):
+    """Scratch for :func:`hard_xent_tile` on tiles of up to ``width`` columns of ``x``'s
+    dtype: ``(maxima, argmax (empty unless asked for), 4 float64 rows, 3 rows of the
+    compute dtype)``. Kernels with many small tiles allocate it once per task (at 10
+    classes, allocating per tile took 10% of the time)."""
+    return (np.empty(width, x.dtype), np.zeros(width if row_argmax.size else 0, np.int64), np.empty((4, width)),
+            np.empty((3, width), weight.dtype))
+
+
+@glue
 def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad, target, ignore_index, weight,
-                   weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax):
+                   weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
+                   scratch):
     """Rows ``r0 .. r0 + width`` of the class-index loss, held as a tile of ``width``
     columns (class ``c`` of the tile at ``base + c·stride``): the per-row outputs, and
     with ``with_grad`` the gradient, computed over the logits already copied into
-    ``out``'s tile. Returns the tile's sums of the loss and of ``lse²``."""
+    ``out``'s tile. ``scratch``: from :func:`hard_tile_scratch`. Returns the tile's sums
+    of the loss and of ``lse²``."""
     keep = 1.0 - smoothing
     spread = smoothing / n_classes
     dtype = weight.dtype.type
     targets = target[r0 : r0 + width]
-    m = np.empty(width, x.dtype)
-    argmax = np.zeros(width if row_argmax.size else 0, np.int64)
-    logit_t = np.empty(width)
-    smooth_dot = np.empty(width)
-    total = np.empty(width)
+    maxima, argmaxes, sums, coefficients = scratch
+    m = maxima[:width]
+    argmax = argmaxes[:width]
+    logit_t = sums[0, :width]
+    smooth_dot = sums[1, :width]
+    total = sums[2, :width]
+    lse = sums[3, :width]
+    a = coefficients[0, :width]
+    smooth_scale = coefficients[1, :width]
+    target_term = coefficients[2, :width]
+    a[:] = 0.0
+    smooth_scale[:] = 0.0
+    target_term[:] = 0.0
     if with_grad:  # exp(x - m) is written into the gradient's tile, then turned into it
         columns_hard_terms(out, ob, out_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
                            logit_t, smooth_dot)
@@ -630,11 +656,7 @@ def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad
         columns_hard_terms(x, xb, x_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
                            logit_t, smooth_dot)
         columns_sum_exp(x, xb, x_cs, n_classes, m, total)
-    lse = np.empty(width)
     columns_lse(m, total, lse)
-    a = np.zeros(width, dtype)
-    smooth_scale = np.zeros(width, dtype)
-    target_term = np.zeros(width, dtype)
     loss_sum = 0.0
     z_sum = 0.0
     n_ignored = 0
@@ -691,7 +713,7 @@ def hard_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_
         chunk_loss[k], chunk_z[k] = hard_xent_tile(
             x, xb, x_cs, out, ob, out_cs, n_classes, width, o * n_inner + j0, with_grad, target, ignore_index,
             weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse,
-            row_argmax)
+            row_argmax, hard_tile_scratch(width, x, weight, row_argmax))
 
 
 @parallel
@@ -757,14 +779,22 @@ def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, with_gra
 
     Each loss chunk of rows is transposed into a (classes, rows) tile, computed there by
     :func:`hard_xent_tile` with vector loops across the rows (as softmax.py's small-class
-    kernels), and the gradient transposed back into ``out`` (which may be ``x``).
+    kernels), and the gradient transposed back into ``out`` (which may be ``x``); tasks
+    of ``CHUNKS_PER_TASK`` chunks share one tile and one scratch.
     """
-    for k in numba.prange(chunk_count(n_rows)):
-        lo, hi = chunk_bounds(k, n_rows)
-        tile = np.empty((hi - lo) * n_classes, weight.dtype)  # the compute dtype
-        load_tile(x[x_start + lo * n_classes : x_start + hi * n_classes], n_classes, tile, half_format)
-        chunk_loss[k], chunk_z[k] = hard_xent_tile(
-            tile, 0, hi - lo, tile, 0, hi - lo, n_classes, hi - lo, lo, with_grad, target, ignore_index, weight,
-            weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax)
-        if with_grad:
-            store_tile(tile, n_classes, out[out_start + lo * n_classes : out_start + hi * n_classes], half_format)
+    per_task = CHUNKS_PER_TASK
+    size = chunk_rows(n_rows)
+    n_chunks = chunk_count(n_rows)
+    for task in numba.prange((n_chunks + per_task - 1) // per_task):
+        tiles = np.empty(size * n_classes, weight.dtype)  # the compute dtype
+        scratch = hard_tile_scratch(size, tiles, weight, row_argmax)
+        for k in range(task * per_task, min(n_chunks, (task + 1) * per_task)):
+            lo, hi = chunk_bounds(k, n_rows)
+            tile = tiles[: (hi - lo) * n_classes]
+            load_tile(x[x_start + lo * n_classes : x_start + hi * n_classes], n_classes, tile, half_format)
+            chunk_loss[k], chunk_z[k] = hard_xent_tile(
+                tile, 0, hi - lo, tile, 0, hi - lo, n_classes, hi - lo, lo, with_grad, target, ignore_index, weight,
+                weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
+                scratch)
+            if with_grad:
+                store_tile(tile, n_classes, out[out_start + lo * n_classes : out_start + hi * n_classes], half_format)
