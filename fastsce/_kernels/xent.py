@@ -541,20 +541,26 @@ def columns_dot_weights(x, base, stride, n_classes, weight, total):
 
 
 @numba.njit(**JIT_OPTIONS)
-def columns_at_target(x, base, stride, target, ignore_index, values):
-    """``values[j] = x[target[j], j]`` as float64; 0 where ``target[j]`` is ``ignore_index``."""
+def columns_at_target(x, base, stride, target, ignore_index, weight, values, weights):
+    """``values[j] = x[target[j], j]`` and ``weights[j] = weight[target[j]]`` as float64; 0
+    where ``target[j]`` is ``ignore_index``. (The only gathers of the loss: the loops
+    after it vectorize, which LLVM does not do with gathers on this CPU.)"""
     for j in range(values.size):
         t = target[j]
-        values[j] = np.float64(x[base + t * stride + j]) if t != ignore_index else 0.0
+        if t != ignore_index:
+            values[j] = np.float64(x[base + t * stride + j])
+            weights[j] = np.float64(weight[t])
+        else:
+            values[j] = weights[j] = 0.0
 
 
 @reduction
 def columns_hard_terms(x, base, stride, n_classes, target, ignore_index, weight, smoothing, m, argmax,
-                       logit_t, smooth_dot):
+                       logit_t, w_t, smooth_dot):
     """What the class-index loss reads from a tile before ``exp``: the column maxima
     ``m`` (and ``argmax``), ``x[t, j]`` and, with label smoothing, ``Σ_c w_c·x[c, j]``."""
     columns_max_argmax(x, base, stride, n_classes, m, argmax)
-    columns_at_target(x, base, stride, target, ignore_index, logit_t)
+    columns_at_target(x, base, stride, target, ignore_index, weight, logit_t, w_t)
     if smoothing != 0.0:
         columns_dot_weights(x, base, stride, n_classes, weight, smooth_dot)
     else:
@@ -613,12 +619,63 @@ def columns_zero_where(x, base, stride, n_classes, ignored):
 
 
 @glue
+def grad_terms(j, g_row, counted, weight_sum, keep, spread, z_loss, grad_scale, z_grad_scale, lse, w_t, total, a,
+               smooth_scale, target_term):
+    """Row ``j``'s gradient coefficients for :func:`hard_tile_rows` (zero unless ``counted``)."""
+    g = g_row * grad_scale
+    coefficient = softmax_coefficient(g, g_row * z_grad_scale, keep * w_t[j] + spread * weight_sum, z_loss, lse[j],
+                                      total[j])
+    a[j] = coefficient if counted else 0.0
+    smooth_scale[j] = g * spread if counted else 0.0
+    target_term[j] = g * keep * w_t[j] if counted else 0.0
+
+
+@reduction
+def hard_tile_rows(r0, targets, ignore_index, weight_sum, keep, spread, z_loss, with_grad, grad_scale, z_grad_scale,
+                   grad_rows, lse, logit_t, w_t, smooth_dot, total, argmax, losses, a, smooth_scale, target_term,
+                   row_loss, row_lse, row_argmax):
+    """The per-row part of :func:`hard_xent_tile` (rows ``r0 + j``): each row's loss into
+    ``losses`` and the per-row outputs asked for, and with ``with_grad`` the gradient
+    coefficients (zero for ignored rows). Returns ``(Σ loss, Σ lse², ignored rows)`` over
+    the counted rows; ``w_t``: the target's weight (0 if ignored). Loops without
+    branches, so that they vectorize: an ignored row is computed, then masked (at 10
+    classes a loop with branches per row took 17% of the time)."""
+    loss_sum = 0.0
+    z_sum = 0.0
+    n_ignored = 0
+    for j in range(targets.size):
+        counted = targets[j] != ignore_index
+        loss = hard_row_loss(lse[j], logit_t[j], w_t[j], smooth_dot[j], keep, spread, weight_sum) if counted else 0.0
+        z = lse[j] * lse[j] if counted else 0.0
+        loss_sum += loss
+        z_sum += z
+        n_ignored += 0 if counted else 1
+        losses[j] = loss + z_loss * z
+    if with_grad and grad_rows.size > 1:  # a factor per row: two loops, each without a branch
+        for j in range(targets.size):
+            grad_terms(j, grad_rows[r0 + j], targets[j] != ignore_index, weight_sum, keep, spread, z_loss, grad_scale,
+                       z_grad_scale, lse, w_t, total, a, smooth_scale, target_term)
+    elif with_grad:
+        for j in range(targets.size):
+            grad_terms(j, grad_rows[0], targets[j] != ignore_index, weight_sum, keep, spread, z_loss, grad_scale,
+                       z_grad_scale, lse, w_t, total, a, smooth_scale, target_term)
+    rows = slice(r0, r0 + targets.size)
+    if row_loss.size:
+        row_loss[rows] = losses
+    if row_lse.size:
+        row_lse[rows] = lse
+    if row_argmax.size:
+        row_argmax[rows] = argmax
+    return loss_sum, z_sum, n_ignored
+
+
+@glue
 def hard_tile_scratch(width, x, weight, row_argmax):
     """Scratch for :func:`hard_xent_tile` on tiles of up to ``width`` columns of ``x``'s
-    dtype: ``(maxima, argmax (empty unless asked for), 4 float64 rows, 3 rows of the
+    dtype: ``(maxima, argmax (empty unless asked for), 6 float64 rows, 3 rows of the
     compute dtype)``. Kernels with many small tiles allocate it once per task (at 10
     classes, allocating per tile took 10% of the time)."""
-    return (np.empty(width, x.dtype), np.zeros(width if row_argmax.size else 0, np.int64), np.empty((4, width)),
+    return (np.empty(width, x.dtype), np.zeros(width if row_argmax.size else 0, np.int64), np.empty((6, width)),
             np.empty((3, width), weight.dtype))
 
 
@@ -642,43 +699,24 @@ def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad
     smooth_dot = sums[1, :width]
     total = sums[2, :width]
     lse = sums[3, :width]
+    losses = sums[4, :width]
+    w_t = sums[5, :width]
     a = coefficients[0, :width]
     smooth_scale = coefficients[1, :width]
     target_term = coefficients[2, :width]
-    a[:] = 0.0
-    smooth_scale[:] = 0.0
-    target_term[:] = 0.0
     if with_grad:  # exp(x - m) is written into the gradient's tile, then turned into it
         columns_hard_terms(out, ob, out_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
-                           logit_t, smooth_dot)
+                           logit_t, w_t, smooth_dot)
         columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
     else:
         columns_hard_terms(x, xb, x_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
-                           logit_t, smooth_dot)
+                           logit_t, w_t, smooth_dot)
         columns_sum_exp(x, xb, x_cs, n_classes, m, total)
     columns_lse(m, total, lse)
-    loss_sum = 0.0
-    z_sum = 0.0
-    n_ignored = 0
-    for j in range(width):
-        r = r0 + j
-        t = targets[j]
-        loss = 0.0
-        if t != ignore_index:
-            w_t = np.float64(weight[t])
-            loss = hard_row_loss(lse[j], logit_t[j], w_t, smooth_dot[j], keep, spread, weight_sum)
-            loss_sum += loss
-            z_sum += lse[j] * lse[j]
-            loss += z_loss * lse[j] * lse[j]
-            if with_grad:
-                g = _grad_rows_at(grad_rows, r) * grad_scale
-                a[j] = softmax_coefficient(g, _grad_rows_at(grad_rows, r) * z_grad_scale,
-                                           keep * w_t + spread * weight_sum, z_loss, lse[j], total[j])
-                smooth_scale[j] = g * spread
-                target_term[j] = g * keep * w_t
-        else:
-            n_ignored += 1
-        record_row(r, loss, lse[j], argmax[j] if argmax.size else -1, row_loss, row_lse, row_argmax)
+    loss_sum, z_sum, n_ignored = hard_tile_rows(r0, targets, ignore_index, weight_sum, keep, spread, z_loss, with_grad,
+                                                grad_scale, z_grad_scale, grad_rows, lse, logit_t, w_t, smooth_dot,
+                                                total, argmax, losses, a, smooth_scale, target_term, row_loss,
+                                                row_lse, row_argmax)
     if with_grad:
         if smoothing != 0.0:
             columns_smoothed_grad_inplace(out, ob, out_cs, n_classes, a, smooth_scale, weight)
