@@ -21,9 +21,12 @@ import numpy as np
 
 import fastsce
 
-# (rows, classes) of the performance issue; the quick default is a subset.
+# (rows, classes) of the performance issue. The quick default takes three class counts,
+# the vocabulary-sized rows at a quarter of the full run's rows: 262 MB like the
+# 1000-class case, still far beyond the caches; at 8192 rows (1 GB) the peers alone
+# took 60 s of a 100 s quick run.
 FULL_SHAPES = [(1_048_576, 10), (262_144, 128), (65_536, 1_000), (8_192, 32_000), (512, 262_144), (32, 2_097_152)]
-QUICK_SHAPES = [(1_048_576, 10), (65_536, 1_000), (8_192, 32_000)]
+QUICK_SHAPES = [(1_048_576, 10), (65_536, 1_000), (2_048, 32_000)]
 OPS = ["softmax", "log_softmax", "logsumexp", "cross_entropy", "cross_entropy_with_grad"]
 DTYPES = ("float32", "float64", "float16", "bfloat16")
 # 16-bit inputs (issue 7): their own copy is the floor, at these shapes.
