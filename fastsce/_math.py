@@ -58,6 +58,7 @@ __all__ = [
     "stream_line",
     "CACHE_LINE_BYTES",
     "rounded_int_from_shifted",
+    "TRANSPOSE_BYTES",
     "TRANSPOSE_MIN_CLASSES",
     "bfloat16_rows_into_tile",
     "float16_rows_into_tile",
@@ -65,7 +66,6 @@ __all__ = [
     "tile_into_bfloat16_rows",
     "tile_into_float16_rows",
     "tile_into_rows",
-    "TRANSPOSE_BYTES",
 ]
 
 
@@ -389,11 +389,11 @@ stream_bfloat16_line = _make_stream_encoded_line(_bfloat16_bits_ir, "stream_bflo
 # scalar transpose moves one element per load and store (0.28 ns per element each way
 # here, in cache). These move a group of rows through vector registers: one load per
 # row (its classes and the start of the next row, a whole vector), a block transpose of
-# shuffles, one store per class; and the same backwards. In cache, 0.13 ns per element
-# at 10 classes, 0.10 at 16; below 5 classes a group is mostly padding and loses.
-# A row's vector is read and written whole where it lies inside the array, since masked
-# loads and stores that miss the cache are several times slower here than plain ones;
-# a row written whole spills into the next row, which is written after it.
+# shuffles, one store per class; and the same backwards. In cache, 0.09 ns per element
+# each way at 10 to 16 classes; below 5 classes a group is mostly padding and loses.
+# A row's vector is read and written whole where it lies inside the array: masked loads
+# and stores that miss the cache made the transposes of 1048576 x 10 floats 8-9x slower
+# here than plain ones. A row written whole spills into the next row, written after it.
 TRANSPOSE_BYTES = 64  # a group is one AVX-512 register's lanes: 16 float32 or 8 float64 rows
 TRANSPOSE_MIN_CLASSES = 5
 _I32 = ir.IntType(32)

@@ -690,7 +690,6 @@ def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad
     of the loss and of ``lse²``."""
     keep = 1.0 - smoothing
     spread = smoothing / n_classes
-    dtype = weight.dtype.type
     targets = target[r0 : r0 + width]
     maxima, argmaxes, sums, coefficients = scratch
     m = maxima[:width]
