@@ -230,7 +230,8 @@ def _grad_rows_at(grad_rows, i):
 
 @glue
 def record_row(r, loss, lse, argmax, row_loss, row_lse, row_argmax):
-    """Store row ``r``'s results in the per-row outputs that were asked for (non-empty)."""
+    """Store row ``r``'s results in the per-row outputs that were asked for (non-empty);
+    ``r`` may be a slice of rows, with arrays of their results."""
     if row_loss.size:
         row_loss[r] = loss
     if row_lse.size:
@@ -659,13 +660,7 @@ def hard_tile_rows(r0, targets, ignore_index, weight_sum, keep, spread, z_loss, 
         for j in range(targets.size):
             grad_terms(j, grad_rows[0], targets[j] != ignore_index, weight_sum, keep, spread, z_loss, grad_scale,
                        z_grad_scale, lse, w_t, total, a, smooth_scale, target_term)
-    rows = slice(r0, r0 + targets.size)
-    if row_loss.size:
-        row_loss[rows] = losses
-    if row_lse.size:
-        row_lse[rows] = lse
-    if row_argmax.size:
-        row_argmax[rows] = argmax
+    record_row(slice(r0, r0 + targets.size), losses, lse, argmax, row_loss, row_lse, row_argmax)
     return loss_sum, z_sum, n_ignored
 
 
