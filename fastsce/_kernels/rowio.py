@@ -13,6 +13,8 @@ kernel is written once and compiled per dtype:
   :func:`work_buffer`: float32 scratch to decode a 16-bit source into;
 * :func:`load_row`: copy or decode the source into the working row, returning its max;
 * :func:`readable_row`: a read-only source as floats (decoded into scratch if 16-bit);
+  :func:`readable_row_max`: the same and its max, in one pass; :func:`decoded_row`: the
+  floats of a source decoded before;
 * :func:`store_row`: write the working row out, encoded for a 16-bit destination,
   streamed around the caches for a big one;
 * :func:`load_tile`/:func:`store_tile`: back-to-back rows into a (classes, rows) tile
@@ -314,6 +316,34 @@ def _readable_row(src, work, half_format):
 
         return decoded
     return lambda src, work, half_format: src
+
+
+def readable_row_max(src, work, half_format):
+    """``(values, max)``: :func:`readable_row` and its max, from the one pass that decodes
+    a 16-bit source (a second pass over the decoded row cost 12% of a 16-bit logsumexp
+    of 65536x1000)."""
+    if src.dtype == np.uint16:
+        return work, decode_max(src, work, half_format)
+    return src, row_max(src)
+
+
+@overload(readable_row_max, **_OVERLOAD)
+def _readable_row_max(src, work, half_format):
+    if _is_bits(src):
+        return lambda src, work, half_format: (work, decode_max(src, work, half_format))
+    return lambda src, work, half_format: (src, row_max(src))
+
+
+def decoded_row(src, work):
+    """``src`` as floats once :func:`readable_row` has decoded it into ``work``."""
+    return work if src.dtype == np.uint16 else src
+
+
+@overload(decoded_row, **_OVERLOAD)
+def _decoded_row(src, work):
+    if _is_bits(src):
+        return lambda src, work: work
+    return lambda src, work: src
 
 
 def store_row(row, dst, half_format, stream, factor=1.0):

@@ -53,7 +53,7 @@ from .rowio import (
     load_tile,
     open_row,
     readable_row,
-    row_max,
+    readable_row_max,
     row_scratch,
     store_row,
     store_tile,
@@ -361,12 +361,10 @@ def logsumexp_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format):
         lo, hi = task_bounds(task, n_rows, per_task)
         i = lo
         while i < hi:
-            values = readable_row(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], work, half_format)
-            m = row_max(values)
+            values, m = readable_row_max(x[x_start + i * x_ld : x_start + i * x_ld + n_cols], work, half_format)
             if i + 1 < hi and n_cols <= PAIR_MAX_CLASSES:  # rows i and i + 1 together
-                values_b = readable_row(x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_cols], work_b,
-                                        half_format)
-                m_b = row_max(values_b)
+                values_b, m_b = readable_row_max(x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_cols],
+                                                 work_b, half_format)
                 total, total_b = pair_sum_exp(values, m, values_b, m_b)
                 out[i] = lse_from_total(m, total)
                 out[i + 1] = lse_from_total(m_b, total_b)
@@ -436,8 +434,7 @@ def long_row_max_sum(src, segment, half_format, weight):
     weighted = 0.0
     for start in range(0, src.size, segment):
         part = src[start : start + segment]
-        values = readable_row(part, work_buffer(src, part.size), half_format)
-        m_part = row_max(values)
+        values, m_part = readable_row_max(part, work_buffer(src, part.size), half_format)
         part_total = row_sum_exp(values, m_part, src[start + segment : start + 2 * segment])
         m, total = merge_max_sum(m, total, np.float64(m_part), part_total)
         if weight.size:

@@ -28,13 +28,14 @@ import numba
 import numpy as np
 
 from .rowio import (
+    decoded_row,
     exact_exps,
     glue,
     load_row,
     load_tile,
     open_row,
     readable_row,
-    row_max,
+    readable_row_max,
     row_scratch,
     store_row,
     store_tile,
@@ -327,23 +328,23 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                 else:  # scaled on the way out, then the target's entry rewritten: a pass fewer
                     store_target_corrected(work, dst, t, dtype(a), dtype(g * keep * w_t), half_format, stream)
             else:
-                values = readable_row(src, values_work, half_format)
-                m = row_max(values)
-                argmax = first_argmax(values, m) if row_argmax.size else -1
-                if paired_lse:  # computed with row i - 1's
-                    lse = next_lse
+                if paired_lse:  # read and reduced with row i - 1
+                    values, m, lse = decoded_row(src, values_work_b), m_b, next_lse
                     paired_lse = False
-                elif pairs and i + 1 < hi:  # loss only: every row comes here; rows i and i + 1 together
-                    values_b = readable_row(x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_classes],
-                                            values_work_b, half_format)
-                    m_b = row_max(values_b)
-                    total, total_b = pair_sum_exp(values, m, values_b, m_b)
-                    lse = lse_from_total(m, total)
-                    next_lse = lse_from_total(m_b, total_b)
-                    paired_lse = True
                 else:
-                    ahead = next_row(x, x_start, x_ld, i, n_rows, n_classes)
-                    lse = logsumexp_from_max(values, m, ahead) if valid or row_lse.size else 0.0
+                    values, m = readable_row_max(src, values_work, half_format)
+                    if pairs and i + 1 < hi:  # loss only: every row comes here; rows i and i + 1 together
+                        values_b, m_b = readable_row_max(
+                            x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_classes], values_work_b,
+                            half_format)
+                        total, total_b = pair_sum_exp(values, m, values_b, m_b)
+                        lse = lse_from_total(m, total)
+                        next_lse = lse_from_total(m_b, total_b)
+                        paired_lse = True
+                    else:
+                        ahead = next_row(x, x_start, x_ld, i, n_rows, n_classes)
+                        lse = logsumexp_from_max(values, m, ahead) if valid or row_lse.size else 0.0
+                argmax = first_argmax(values, m) if row_argmax.size else -1
                 if valid:
                     x_t = np.float64(values[t])
                     smooth_dot = row_dot_weights(values, weight) if smoothing != 0.0 else 0.0
@@ -471,8 +472,7 @@ def soft_xent_rows(x, x_start, x_ld, out, out_start, out_ld, y, y_start, y_ld, n
                 soft_grad_inplace(row, dtype(a), probs, weight, dtype(g), dtype(keep), dtype(spread))
                 store_row(row, dst, half_format, stream)
             else:
-                values = readable_row(src, values_work, half_format)
-                m = row_max(values)
+                values, m = readable_row_max(src, values_work, half_format)
                 argmax = first_argmax(values, m) if row_argmax.size else -1
                 v_total, vx_total = soft_target_sums(values, probs, weight, keep, spread)
                 lse = logsumexp_from_max(values, m, next_row(x, x_start, x_ld, i, n_rows, n_classes))
