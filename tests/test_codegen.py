@@ -32,6 +32,9 @@ HOT_LOOPS = [
     ("softmax", "columns_exp_inplace"),
     ("softmax", "columns_sum_exp"),
     ("softmax", "columns_lse"),
+    ("softmax", "copy_max_tile"),
+    ("softmax", "columns_scale_into"),
+    ("softmax", "columns_log_softmax_into"),
     ("rowio", "transpose_into"),
     ("rowio", "transpose_from"),
 ]
@@ -56,6 +59,8 @@ SCRIPT = textwrap.dedent(
     big = rng.standard_normal((1280, 4096), dtype=np.float32)  # streamed: 20 MB of 16 KB rows
     fastsce.softmax(big, out=big)
     fastsce.softmax(np.zeros((2048, 4096), np.float16))  # streamed 16-bit bits: 16 MB of 8 KB rows
+    columns = rng.standard_normal((1024, 4096), dtype=np.float32)  # axis=0, streamed: 16 MB
+    fastsce.softmax(columns, axis=0), fastsce.log_softmax(columns, axis=0)
     @numba.njit
     def control(a):  # libm's scalar exp and log: what the patterns below must catch
         for i in range(a.size):
@@ -152,6 +157,18 @@ def test_streamed_16_bit_rows_are_encoded_in_registers(codegen):
     vcvtps2ph for float16) and stored non-temporally."""
     assert codegen["stream_encoded"]["nontemporal"] >= 1, codegen["stream_encoded"]
     assert codegen["stream_encoded"]["packed_to_half"] >= 1, codegen["stream_encoded"]
+
+
+def test_column_copy_max_is_vectorized(codegen):
+    """The one read of an axis=0 tile copies it to scratch and max-reduces it in one
+    packed loop."""
+    assert codegen["copy_max_tile"]["packed_max"] >= 1, codegen["copy_max_tile"]
+
+
+@pytest.mark.parametrize("name", ["columns_scale_into", "columns_log_softmax_into"])
+def test_column_tiles_are_written_packed_and_streamed(codegen, name):
+    assert codegen[name]["packed_any"] >= 1, codegen[name]
+    assert codegen[name]["nontemporal"] >= 1, codegen[name]
 
 
 @pytest.mark.parametrize("name", ["exp_inplace", "row_sum_exp"])

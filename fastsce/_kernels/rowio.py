@@ -38,6 +38,7 @@ from .._math import (
     TRANSPOSE_MIN_CLASSES,
     bfloat16_bits_to_float32,
     bfloat16_rows_into_tile,
+    element_address,
     float16_bits_to_float32,
     float16_rows_into_tile,
     float32_to_bfloat16_bits,
@@ -140,7 +141,7 @@ def first_line_start(dst):
     """Index of ``dst``'s first element on a cache-line boundary, or ``dst.size`` if none
     (elements misaligned within lines never meet one)."""
     size = dst.itemsize
-    offset = np.intp(dst.ctypes.data) % CACHE_LINE_BYTES
+    offset = element_address(dst, 0) % CACHE_LINE_BYTES
     if offset % size:
         return dst.size
     return min(dst.size, ((CACHE_LINE_BYTES - offset) % CACHE_LINE_BYTES) // size)
