@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._config import NOT_16BIT, SMALL_CLASSES, long_row_chunks, long_row_segment, loss_chunk_rows, streams
+from ._config import (NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES, long_row_chunks, long_row_segment, loss_chunk_rows,
+                      streams)
 from ._layout import Operand, Plan, aligned_copy, plan_layout, require_plan
 from ._validation import (
     as_float_array,
@@ -265,7 +266,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
                         *smoothing_z, *outputs)
             else:
                 _launch("hard_xent_columns", *columns, *shape, target_rows, ignore_index, weights, weight_sum,
-                        *smoothing_z, *outputs)
+                        *smoothing_z, *outputs, with_grad and g_op.buffer.nbytes >= STREAM_MIN_BYTES)
         elif soft:
             y_op = plan.operands[1]
             _launch("soft_xent_rows", x_op.buffer, x_op.start, x_op.outer_stride, g_op.buffer, g_op.start,

@@ -20,7 +20,7 @@ import pytest
 
 import fastsce
 from tests import reference as ref
-from tests.conftest import FLOAT_DTYPES, needs_two_threads
+from tests.conftest import FLOAT_DTYPES, jit_or_pure, needs_two_threads
 from tests.test_loss import (
     HAVE_TORCH,
     REDUCTIONS,
@@ -172,6 +172,44 @@ def test_inplace(no_copy, layout, kind):
     assert_loss_close(loss, expected, np.float32, "mean")
     assert_grad_close(grad, expected_grad, np.float32)
     np.testing.assert_array_equal(np.isnan(memory), gaps)  # nothing outside the view written
+
+
+@pytest.mark.parametrize("shift", [0, 3])
+def test_axis0_gradient_streamed_from_scratch_tiles(no_copy, shift):
+    """Gradients of 16 MB and more are written from the scratch tiles with streaming
+    stores: into ``out`` at any alignment (nothing around it written), and in place."""
+    shape = jit_or_pure((1000, 4203), (40, 203))  # 16.8 MB of float32 (pure Python: not streamed)
+    rng = np.random.default_rng(11)
+    x = make_logits(shape, np.float32, rng)
+    t = make_target("hard", x, 0, rng, ignore_rows=(5, 77))
+    opts = options(make_weight(True, shape[0], np.float32, rng), "mean", 0.1, 1e-3, axis=0)
+    expected = ref.cross_entropy_ref(x, t, **opts)
+    expected_grad = ref.cross_entropy_grad_ref(x, t, **opts)
+    buf = np.full(x.size + 16, 7.0, np.float32)
+    out = buf[shift : shift + x.size].reshape(shape)
+    loss, grad = fastsce.cross_entropy_with_grad(x, t, **opts, out=out)
+    assert grad is out
+    assert_loss_close(loss, expected, np.float32, "mean")
+    assert_grad_close(out, expected_grad, np.float32)
+    assert (buf[:shift] == 7.0).all() and (buf[shift + x.size :] == 7.0).all()
+    y = x.copy()
+    loss, grad = fastsce.cross_entropy_with_grad(y, t, **opts, inplace=True)
+    assert grad is y
+    assert_grad_close(grad, expected_grad, np.float32)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_axis0_tiles_too_big_for_scratch(no_copy, dtype):
+    """Tiles over COLUMN_SCRATCH_MAX_BYTES are computed where they lie (in the gradient,
+    or read from the logits for the loss alone)."""
+    from fastsce._kernels.softmax import COLUMN_SCRATCH_MAX_BYTES
+
+    n_classes = jit_or_pure(COLUMN_SCRATCH_MAX_BYTES // (16 * np.dtype(dtype).itemsize) + 1000, 2000)
+    rng = np.random.default_rng(12)
+    x = make_logits((n_classes, 16), dtype, rng)
+    t = make_target("hard", x, 0, rng, ignore_rows=(3,))
+    opts = options(None, "sum", 0.0, 0.0, axis=0)
+    check_case(x, x, t, opts, 1.0, dtype, "sum")
 
 
 @pytest.mark.parametrize("layout", ["fortran-2d", "NCd-axis1", "padded-inner"])

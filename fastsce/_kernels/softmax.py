@@ -878,6 +878,13 @@ def store_segment(seg, out, start, stream):
         out[start + k] = seg[k]
 
 
+@elementwise
+def store_columns(tile, n_classes, width, out, base, stride, stream):
+    """``out[c, j] = tile[c, j]`` from a contiguous ``tile`` of ``width`` columns."""
+    for c in range(n_classes):
+        store_segment(tile[c * width : (c + 1) * width], out, base + c * stride, stream)
+
+
 # The write passes of the scratch tiles finish each class in the tile (just read into
 # L1) and store it: one read of the tile, then the output written once.
 @elementwise

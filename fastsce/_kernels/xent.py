@@ -504,6 +504,8 @@ from .softmax import (
     columns_scale_inplace,
     columns_sum_exp,
     copy_tile,
+    in_scratch,
+    store_columns,
     tile_count,
     tile_of,
 )
@@ -728,24 +730,39 @@ def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad
 @parallel
 def hard_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_outer, n_classes, n_inner, block,
                       in_place, with_grad, target, ignore_index, weight, weight_sum, smoothing, z_loss, grad_scale,
-                      z_grad_scale, grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax):
+                      z_grad_scale, grad_rows, chunk_loss, chunk_z, row_loss, row_lse, row_argmax, stream):
     """:func:`hard_xent_rows` along the classes of ``(n_outer, n_classes, n_inner)`` arrays.
 
     Arrays as softmax.py's column kernels (``*_os`` outer, ``*_cs`` class strides; tiles
-    of ``block`` columns). Row ``r = o·n_inner + j`` of the loss is column ``j`` of outer
-    index ``o``: the order of ``target``, ``grad_rows`` and the per-row outputs.
+    of ``block`` columns), and as there a tile is computed in a contiguous scratch tile
+    unless too big (``in_scratch``), its gradient written out from there (streamed if
+    ``stream``). Row ``r = o·n_inner + j`` of the loss is column ``j`` of outer index
+    ``o``: the order of ``target``, ``grad_rows`` and the per-row outputs.
     ``chunk_loss[k]``/``chunk_z[k]`` are the sums over tile ``k``. float32/float64 only.
     """
     for k in numba.prange(tile_count(n_outer, n_inner, block)):
         o, j0, width = tile_of(k, n_inner, block)
         xb = x_start + o * x_os + j0
         ob = out_start + o * out_os + j0
-        if with_grad and not in_place:
-            copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
-        chunk_loss[k], chunk_z[k] = hard_xent_tile(
-            x, xb, x_cs, out, ob, out_cs, n_classes, width, o * n_inner + j0, with_grad, target, ignore_index,
-            weight, weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse,
-            row_argmax, hard_tile_scratch(width, x, weight, row_argmax))
+        r0 = o * n_inner + j0
+        scratch = hard_tile_scratch(width, x, weight, row_argmax)
+        if in_scratch(n_classes, width, x):
+            tile = np.empty(n_classes * width, x.dtype)
+            copy_tile(x, xb, x_cs, tile, 0, width, n_classes, width)
+            chunk_loss[k], chunk_z[k] = hard_xent_tile(
+                tile, 0, width, tile, 0, width, n_classes, width, r0, with_grad, target, ignore_index, weight,
+                weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
+                scratch)
+            if with_grad:
+                store_columns(tile, n_classes, width, out, ob, out_cs, stream)
+                store_fence()
+        else:
+            if with_grad and not in_place:
+                copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
+            chunk_loss[k], chunk_z[k] = hard_xent_tile(
+                x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad, target, ignore_index, weight,
+                weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
+                scratch)
 
 
 @parallel
