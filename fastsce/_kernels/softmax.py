@@ -693,7 +693,7 @@ def logsumexp_split_rows(x, x_start, x_ld, out, n_rows, n_cols, half_format, seg
 # A tile is `width` neighbouring columns of an (n_classes, ·) block; class c of the
 # tile starts at `base + c * stride`. Per-column accumulators are float64 arrays.
 # `lead` > 0 widens each outer index's first tile by that many columns, so that the
-# others start where the output's cache lines do (see softmax_columns).
+# others start where the output's cache lines do (see forward_columns).
 @glue
 def tiles_per_outer(n_inner, block, lead):
     """Tiles per outer index: the first ``lead + block`` columns wide, the others ``block``."""
@@ -965,10 +965,11 @@ def in_scratch(n_classes, width, dtype_like):
 
 
 @parallel
-def softmax_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_outer, n_classes, n_inner, block,
-                    in_place, stream):
-    """Softmax along the classes of ``(n_outer, n_classes, n_inner)`` arrays; ``stream``:
-    write ``out`` around the caches."""
+def forward_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_outer, n_classes, n_inner, block,
+                    in_place, stream, log_form):
+    """Softmax (``log_form`` false) or log-softmax (true) along the classes of
+    ``(n_outer, n_classes, n_inner)`` arrays; ``stream``: write ``out`` around the caches.
+    One kernel for both, as :func:`forward_long_rows`; the branches are per tile."""
     lead = output_lead(out, out_start, stream)
     for t in numba.prange(tile_count(n_outer, n_inner, block, lead)):
         o, j0, width = tile_of(t, n_inner, block, lead)
@@ -980,44 +981,24 @@ def softmax_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_ou
             ahead, ahead_width = next_tile(x, x_start, x_os, t, n_outer, n_inner, block, lead)
             tile = np.empty(n_classes * width, out.dtype)
             copy_max_tile(x, xb, x_cs, tile, 0, width, n_classes, m)
-            columns_exp_inplace(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
-            columns_scale_into(tile, n_classes, (1.0 / total).astype(out.dtype), out, ob, out_cs, stream)
+            if log_form:
+                columns_sum_exp(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
+                columns_log_softmax_into(tile, n_classes, m, logs_of(total, out), out, ob, out_cs, stream)
+            else:
+                columns_exp_inplace(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
+                columns_scale_into(tile, n_classes, (1.0 / total).astype(out.dtype), out, ob, out_cs, stream)
             store_fence()
         else:
             if in_place:
                 columns_max(out, ob, out_cs, n_classes, m)
             else:
                 copy_max_tile(x, xb, x_cs, out, ob, out_cs, n_classes, m)
-            columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
-            columns_scale_inplace(out, ob, out_cs, n_classes, (1.0 / total).astype(out.dtype))
-
-
-@parallel
-def log_softmax_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_outer, n_classes, n_inner,
-                        block, in_place, stream):
-    """Log-softmax along the classes of ``(n_outer, n_classes, n_inner)`` arrays;
-    ``stream`` as :func:`softmax_columns`."""
-    lead = output_lead(out, out_start, stream)
-    for t in numba.prange(tile_count(n_outer, n_inner, block, lead)):
-        o, j0, width = tile_of(t, n_inner, block, lead)
-        xb = x_start + o * x_os + j0
-        ob = out_start + o * out_os + j0
-        m = np.empty(width, out.dtype)
-        total = np.empty(width, np.float64)
-        if in_scratch(n_classes, width, out):
-            ahead, ahead_width = next_tile(x, x_start, x_os, t, n_outer, n_inner, block, lead)
-            tile = np.empty(n_classes * width, out.dtype)
-            copy_max_tile(x, xb, x_cs, tile, 0, width, n_classes, m)
-            columns_sum_exp(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
-            columns_log_softmax_into(tile, n_classes, m, logs_of(total, out), out, ob, out_cs, stream)
-            store_fence()
-        else:
-            if in_place:
-                columns_max(out, ob, out_cs, n_classes, m)
+            if log_form:
+                columns_sum_exp(out, ob, out_cs, n_classes, m, total)
+                columns_log_softmax_inplace(out, ob, out_cs, n_classes, m, logs_of(total, out))
             else:
-                copy_max_tile(x, xb, x_cs, out, ob, out_cs, n_classes, m)
-            columns_sum_exp(out, ob, out_cs, n_classes, m, total)
-            columns_log_softmax_inplace(out, ob, out_cs, n_classes, m, logs_of(total, out))
+                columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
+                columns_scale_inplace(out, ob, out_cs, n_classes, (1.0 / total).astype(out.dtype))
 
 
 @parallel
