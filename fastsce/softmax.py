@@ -137,12 +137,13 @@ def _run_elementwise(name: str, inputs: list[np.ndarray], axis: int, out: np.nda
                     chunk_segments)
         else:
             _launch(f"{name}_rows", *_kernel_args(plan), half_format, stream, *options)
-    elif name == "backward":
-        _launch(f"{name}_columns", *_kernel_args(plan), in_place, *options)
     else:  # written from scratch tiles, a few KB per class: streamed if big, whatever the
         # segment length (1000x65536: the write pass alone 8.5 ms streamed, 48 ms cached)
-        _launch("forward_columns", *_kernel_args(plan), in_place, result.nbytes >= STREAM_MIN_BYTES,
-                name == "log_softmax")
+        stream = result.nbytes >= STREAM_MIN_BYTES
+        if name == "backward":
+            _launch("backward_columns", *_kernel_args(plan), in_place, stream, *options)
+        else:
+            _launch("forward_columns", *_kernel_args(plan), in_place, stream, name == "log_softmax")
     if not np.may_share_memory(target, result):
         computed = np.moveaxis(target, -1, axis) if moved else target
         np.copyto(result, np.flip(computed, axis) if flipped else computed)

@@ -964,6 +964,24 @@ def in_scratch(n_classes, width, dtype_like):
     return n_classes * width * dtype_like.itemsize <= COLUMN_SCRATCH_MAX_BYTES
 
 
+# Tasks take consecutive tiles and allocate their scratch once: a 1000x65536
+# softmax_backward that allocated and freed its two 2 MB tiles per tile had glibc give
+# the memory back and fault it in again, 345k page faults (3x the time).
+@glue
+def tiles_per_task(n_tiles):
+    """Tiles per task: at least MIN_TASKS tasks when there are enough tiles."""
+    return max(1, n_tiles // MIN_TASKS)
+
+
+@glue
+def task_scratch(n_tiles_held, n_classes, n_inner, block, lead, like):
+    """A task's scratch for ``n_tiles_held`` tiles of the widest tile (of ``like``'s
+    dtype), or empty if those are too big for scratch (:func:`in_scratch`)."""
+    width = min(block + lead, n_inner)
+    fits = in_scratch(n_tiles_held * n_classes, width, like)
+    return np.empty(n_tiles_held * n_classes * width if fits else 0, like.dtype)
+
+
 @parallel
 def forward_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_outer, n_classes, n_inner, block,
                     in_place, stream, log_form):
@@ -971,75 +989,110 @@ def forward_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_ou
     ``(n_outer, n_classes, n_inner)`` arrays; ``stream``: write ``out`` around the caches.
     One kernel for both, as :func:`forward_long_rows`; the branches are per tile."""
     lead = output_lead(out, out_start, stream)
-    for t in numba.prange(tile_count(n_outer, n_inner, block, lead)):
-        o, j0, width = tile_of(t, n_inner, block, lead)
-        xb = x_start + o * x_os + j0
-        ob = out_start + o * out_os + j0
-        m = np.empty(width, out.dtype)
-        total = np.empty(width, np.float64)
-        if in_scratch(n_classes, width, out):
-            ahead, ahead_width = next_tile(x, x_start, x_os, t, n_outer, n_inner, block, lead)
-            tile = np.empty(n_classes * width, out.dtype)
-            copy_max_tile(x, xb, x_cs, tile, 0, width, n_classes, m)
-            if log_form:
-                columns_sum_exp(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
-                columns_log_softmax_into(tile, n_classes, m, logs_of(total, out), out, ob, out_cs, stream)
+    n_tiles = tile_count(n_outer, n_inner, block, lead)
+    per_task = tiles_per_task(n_tiles)
+    for task in numba.prange((n_tiles + per_task - 1) // per_task):
+        scratch = task_scratch(1, n_classes, n_inner, block, lead, out)
+        first, last = task_bounds(task, n_tiles, per_task)
+        for t in range(first, last):
+            o, j0, width = tile_of(t, n_inner, block, lead)
+            xb = x_start + o * x_os + j0
+            ob = out_start + o * out_os + j0
+            m = np.empty(width, out.dtype)
+            total = np.empty(width, np.float64)
+            if scratch.size:
+                ahead, ahead_width = next_tile(x, x_start, x_os, t, n_outer, n_inner, block, lead)
+                tile = scratch[: n_classes * width]
+                copy_max_tile(x, xb, x_cs, tile, 0, width, n_classes, m)
+                if log_form:
+                    columns_sum_exp(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
+                    columns_log_softmax_into(tile, n_classes, m, logs_of(total, out), out, ob, out_cs, stream)
+                else:
+                    columns_exp_inplace(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
+                    columns_scale_into(tile, n_classes, (1.0 / total).astype(out.dtype), out, ob, out_cs, stream)
             else:
-                columns_exp_inplace(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
-                columns_scale_into(tile, n_classes, (1.0 / total).astype(out.dtype), out, ob, out_cs, stream)
-            store_fence()
-        else:
-            if in_place:
-                columns_max(out, ob, out_cs, n_classes, m)
-            else:
-                copy_max_tile(x, xb, x_cs, out, ob, out_cs, n_classes, m)
-            if log_form:
-                columns_sum_exp(out, ob, out_cs, n_classes, m, total)
-                columns_log_softmax_inplace(out, ob, out_cs, n_classes, m, logs_of(total, out))
-            else:
-                columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
-                columns_scale_inplace(out, ob, out_cs, n_classes, (1.0 / total).astype(out.dtype))
+                if in_place:
+                    columns_max(out, ob, out_cs, n_classes, m)
+                else:
+                    copy_max_tile(x, xb, x_cs, out, ob, out_cs, n_classes, m)
+                if log_form:
+                    columns_sum_exp(out, ob, out_cs, n_classes, m, total)
+                    columns_log_softmax_inplace(out, ob, out_cs, n_classes, m, logs_of(total, out))
+                else:
+                    columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
+                    columns_scale_inplace(out, ob, out_cs, n_classes, (1.0 / total).astype(out.dtype))
+        store_fence()
 
 
 @parallel
 def logsumexp_columns(x, x_start, x_os, x_cs, out, n_outer, n_classes, n_inner, block):
     """``out[o, j] = log Σ_c exp(x[o, c, j])``, ``out`` contiguous ``(n_outer·n_inner)``."""
-    for t in numba.prange(tile_count(n_outer, n_inner, block)):
-        o, j0, width = tile_of(t, n_inner, block)
-        xb = x_start + o * x_os + j0
-        m = np.empty(width, x.dtype)
-        total = np.empty(width, np.float64)
-        if in_scratch(n_classes, width, x):
-            ahead, ahead_width = next_tile(x, x_start, x_os, t, n_outer, n_inner, block, 0)
-            tile = np.empty(n_classes * width, x.dtype)
-            copy_max_tile(x, xb, x_cs, tile, 0, width, n_classes, m)
-            columns_sum_exp(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
-        else:
-            columns_max(x, xb, x_cs, n_classes, m)
-            columns_sum_exp(x, xb, x_cs, n_classes, m, total)
-        dst = out[o * n_inner + j0 : o * n_inner + j0 + width]
-        for j in range(width):  # infinities as logsumexp_from_max
-            dst[j] = lse_from_total(m[j], total[j])
+    n_tiles = tile_count(n_outer, n_inner, block)
+    per_task = tiles_per_task(n_tiles)
+    for task in numba.prange((n_tiles + per_task - 1) // per_task):
+        scratch = task_scratch(1, n_classes, n_inner, block, 0, x)
+        first, last = task_bounds(task, n_tiles, per_task)
+        for t in range(first, last):
+            o, j0, width = tile_of(t, n_inner, block)
+            xb = x_start + o * x_os + j0
+            m = np.empty(width, x.dtype)
+            total = np.empty(width, np.float64)
+            if scratch.size:
+                ahead, ahead_width = next_tile(x, x_start, x_os, t, n_outer, n_inner, block, 0)
+                tile = scratch[: n_classes * width]
+                copy_max_tile(x, xb, x_cs, tile, 0, width, n_classes, m)
+                columns_sum_exp(tile, 0, width, n_classes, m, total, ahead, x_cs, ahead_width)
+            else:
+                columns_max(x, xb, x_cs, n_classes, m)
+                columns_sum_exp(x, xb, x_cs, n_classes, m, total)
+            dst = out[o * n_inner + j0 : o * n_inner + j0 + width]
+            for j in range(width):  # infinities as logsumexp_from_max
+                dst[j] = lse_from_total(m[j], total[j])
+
+
+@glue
+def backward_tile(grad, g_base, g_stride, prob, p_base, p_stride, n_classes, reduced, log_form):
+    """The backward of one tile, in place of the incoming gradient's tile ``grad``."""
+    if log_form:
+        columns_sum(grad, g_base, g_stride, n_classes, reduced)
+        columns_log_softmax_backward_inplace(grad, g_base, g_stride, prob, p_base, p_stride, n_classes,
+                                             reduced.astype(grad.dtype))
+    else:
+        columns_dot(grad, g_base, g_stride, prob, p_base, p_stride, n_classes, reduced)
+        columns_softmax_backward_inplace(grad, g_base, g_stride, prob, p_base, p_stride, n_classes,
+                                         reduced.astype(grad.dtype))
 
 
 @parallel
 def backward_columns(g, g_start, g_os, g_cs, y, y_start, y_os, y_cs, out, out_start, out_os, out_cs,
-                     n_outer, n_classes, n_inner, block, in_place, log_form):
+                     n_outer, n_classes, n_inner, block, in_place, stream, log_form):
     """:func:`backward_rows` (``log_form`` as there) along the classes of
-    ``(n_outer, n_classes, n_inner)`` arrays; the branch is per tile."""
-    for t in numba.prange(tile_count(n_outer, n_inner, block)):
-        o, j0, width = tile_of(t, n_inner, block)
-        yb = y_start + o * y_os + j0
-        ob = out_start + o * out_os + j0
-        if not in_place:
-            copy_tile(g, g_start + o * g_os + j0, g_cs, out, ob, out_cs, n_classes, width)
-        reduced = np.empty(width, np.float64)  # Σ_c g·s, or Σ_c g
-        if log_form:
-            columns_sum(out, ob, out_cs, n_classes, reduced)
-            columns_log_softmax_backward_inplace(out, ob, out_cs, y, yb, y_cs, n_classes, reduced.astype(out.dtype))
-        else:
-            columns_dot(out, ob, out_cs, y, yb, y_cs, n_classes, reduced)
-            columns_softmax_backward_inplace(out, ob, out_cs, y, yb, y_cs, n_classes, reduced.astype(out.dtype))
+    ``(n_outer, n_classes, n_inner)`` arrays: both inputs' tiles copied into scratch
+    tiles, the result streamed out from there as :func:`forward_columns` does."""
+    lead = output_lead(out, out_start, stream)
+    n_tiles = tile_count(n_outer, n_inner, block, lead)
+    per_task = tiles_per_task(n_tiles)
+    for task in numba.prange((n_tiles + per_task - 1) // per_task):
+        scratch = task_scratch(2, n_classes, n_inner, block, lead, out)  # the gradient's and the output's
+        first, last = task_bounds(task, n_tiles, per_task)
+        for t in range(first, last):
+            o, j0, width = tile_of(t, n_inner, block, lead)
+            gb = g_start + o * g_os + j0
+            yb = y_start + o * y_os + j0
+            ob = out_start + o * out_os + j0
+            reduced = np.empty(width, np.float64)  # Σ_c g·s, or Σ_c g
+            if scratch.size:
+                grad = scratch[: n_classes * width]
+                prob = scratch[n_classes * width : 2 * n_classes * width]
+                copy_tile(g, gb, g_cs, grad, 0, width, n_classes, width)
+                copy_tile(y, yb, y_cs, prob, 0, width, n_classes, width)
+                backward_tile(grad, 0, width, prob, 0, width, n_classes, reduced, log_form)
+                store_columns(grad, n_classes, width, out, ob, out_cs, stream)
+            else:
+                if not in_place:
+                    copy_tile(g, gb, g_cs, out, ob, out_cs, n_classes, width)
+                backward_tile(out, ob, out_cs, y, yb, y_cs, n_classes, reduced, log_form)
+        store_fence()
 
 
 # ----------------------------------------------------- small-class row kernels ----

@@ -504,10 +504,12 @@ from .softmax import (
     columns_scale_inplace,
     columns_sum_exp,
     copy_tile,
-    in_scratch,
     store_columns,
+    task_bounds,
+    task_scratch,
     tile_count,
     tile_of,
+    tiles_per_task,
 )
 
 
@@ -740,29 +742,34 @@ def hard_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_
     ``o``: the order of ``target``, ``grad_rows`` and the per-row outputs.
     ``chunk_loss[k]``/``chunk_z[k]`` are the sums over tile ``k``. float32/float64 only.
     """
-    for k in numba.prange(tile_count(n_outer, n_inner, block)):
-        o, j0, width = tile_of(k, n_inner, block)
-        xb = x_start + o * x_os + j0
-        ob = out_start + o * out_os + j0
-        r0 = o * n_inner + j0
-        scratch = hard_tile_scratch(width, x, weight, row_argmax)
-        if in_scratch(n_classes, width, x):
-            tile = np.empty(n_classes * width, x.dtype)
-            copy_tile(x, xb, x_cs, tile, 0, width, n_classes, width)
-            chunk_loss[k], chunk_z[k] = hard_xent_tile(
-                tile, 0, width, tile, 0, width, n_classes, width, r0, with_grad, target, ignore_index, weight,
-                weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
-                scratch)
-            if with_grad:
-                store_columns(tile, n_classes, width, out, ob, out_cs, stream)
-                store_fence()
-        else:
-            if with_grad and not in_place:
-                copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
-            chunk_loss[k], chunk_z[k] = hard_xent_tile(
-                x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad, target, ignore_index, weight,
-                weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
-                scratch)
+    n_tiles = tile_count(n_outer, n_inner, block)
+    per_task = tiles_per_task(n_tiles)
+    for task in numba.prange((n_tiles + per_task - 1) // per_task):
+        scratch = hard_tile_scratch(min(block, n_inner), x, weight, row_argmax)
+        logits = task_scratch(1, n_classes, n_inner, block, 0, x)
+        first, last = task_bounds(task, n_tiles, per_task)
+        for k in range(first, last):
+            o, j0, width = tile_of(k, n_inner, block)
+            xb = x_start + o * x_os + j0
+            ob = out_start + o * out_os + j0
+            r0 = o * n_inner + j0
+            if logits.size:
+                tile = logits[: n_classes * width]
+                copy_tile(x, xb, x_cs, tile, 0, width, n_classes, width)
+                chunk_loss[k], chunk_z[k] = hard_xent_tile(
+                    tile, 0, width, tile, 0, width, n_classes, width, r0, with_grad, target, ignore_index, weight,
+                    weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse,
+                    row_argmax, scratch)
+                if with_grad:
+                    store_columns(tile, n_classes, width, out, ob, out_cs, stream)
+            else:
+                if with_grad and not in_place:
+                    copy_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width)
+                chunk_loss[k], chunk_z[k] = hard_xent_tile(
+                    x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad, target, ignore_index, weight,
+                    weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse,
+                    row_argmax, scratch)
+        store_fence()
 
 
 @parallel
