@@ -158,36 +158,38 @@ def test_long_rows(name, dtype, rng):
 
 
 @pytest.mark.parametrize("shift", [0, 1, 7])
-@pytest.mark.parametrize("name", ("softmax", "log_softmax"))
+@pytest.mark.parametrize("name", SAME_SHAPE)
 def test_columns_streamed_at_any_alignment(name, shift, rng):
     """axis=0 outputs of 16 MB and more are streamed from scratch tiles whose columns
     start on the output's cache lines: any alignment of ``out``, a last tile of any
     width, and nothing written outside ``out``."""
     shape = jit_or_pure((1000, 4203), (40, 203))  # 16.8 MB of float32 (pure Python: not streamed)
-    x = make_x("normal", shape, np.float32, rng)
-    buf = np.full(x.size + 16, 7.0, np.float32)
-    out = buf[shift : shift + x.size].reshape(shape)
-    assert fn(name)(x, axis=0, out=out) is out
-    check(name, out, (x,), 0, np.float32)
-    assert (buf[:shift] == 7.0).all() and (buf[shift + x.size :] == 7.0).all()
+    args = make_inputs(name, make_x("normal", shape, np.float32, rng), 0, rng)
+    buf = np.full(args[0].size + 16, 7.0, np.float32)
+    out = buf[shift : shift + args[0].size].reshape(shape)
+    assert fn(name)(*args, axis=0, out=out) is out
+    check(name, out, args, 0, np.float32)
+    assert (buf[:shift] == 7.0).all() and (buf[shift + args[0].size :] == 7.0).all()
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("in_place", [False, True])
-@pytest.mark.parametrize("name", FORWARD)
+@pytest.mark.parametrize("name", FORWARD + BACKWARD)
 def test_columns_too_big_for_scratch(name, in_place, dtype, rng):
     """Column tiles bigger than COLUMN_SCRATCH_MAX_BYTES (16 columns of 131k float32
-    classes) are computed where they lie, in ``out`` (or read in place)."""
+    classes, half that for the backward's two tiles) are computed where they lie, in
+    ``out`` (or read in place)."""
     from fastsce._kernels.softmax import COLUMN_SCRATCH_MAX_BYTES
 
-    n_classes = jit_or_pure(COLUMN_SCRATCH_MAX_BYTES // (16 * np.dtype(dtype).itemsize) + 1000, 2000)
-    x = make_x("normal", (n_classes, 16), dtype, rng)
+    tiles = 2 if name in BACKWARD else 1
+    n_classes = jit_or_pure(COLUMN_SCRATCH_MAX_BYTES // (16 * tiles * np.dtype(dtype).itemsize) + 1000, 2000)
+    args = make_inputs(name, make_x("normal", (n_classes, 16), dtype, rng), 0, rng)
     if in_place and name != "logsumexp":
-        got = x.copy()
-        assert fn(name)(got, axis=0, out=got) is got
+        got = args[0].copy()
+        assert fn(name)(got, *args[1:], axis=0, out=got) is got
     else:
-        got = fn(name)(x, axis=0)
-    check(name, got, (x,), 0, dtype)
+        got = fn(name)(*args, axis=0)
+    check(name, got, args, 0, dtype)
 
 
 @pytest.fixture(params=["row per task", "rows split"])
