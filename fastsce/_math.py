@@ -208,8 +208,8 @@ def prefetch(typingctx, array, index):
 @intrinsic
 def element_address(typingctx, array, index):
     """The address of ``array[index]`` as an integer. Unlike ``array.ctypes.data``, it
-    takes no reference on the array: kernels that asked for it per row or per class
-    segment spent up to 20% of their time contending for the shared reference count."""
+    takes no reference on the array, whose atomic count the threads contend for when
+    every row or class segment asks (see softmax.py's ``store_segment``)."""
     if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
         return None
 

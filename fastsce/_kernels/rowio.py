@@ -336,7 +336,8 @@ def _readable_row_max(src, work, half_format):
 
 
 def decoded_row(src, work):
-    """``src`` as floats once :func:`readable_row` has decoded it into ``work``."""
+    """``src`` as floats once :func:`readable_row` or :func:`readable_row_max` has decoded
+    it into ``work``."""
     return work if src.dtype == np.uint16 else src
 
 
