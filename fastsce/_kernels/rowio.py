@@ -136,15 +136,21 @@ def stream_encoded(values, bits, half_format, factor):
     encode_into(values[j:], bits[j:], half_format, factor)
 
 
+@glue
+def line_start_from(dst, start, n):
+    """Elements from ``dst[start]`` to the first cache-line boundary, at most ``n`` (``n``
+    if elements are misaligned within lines and never meet one)."""
+    size = dst.itemsize
+    offset = element_address(dst, start) % CACHE_LINE_BYTES
+    if offset % size:
+        return n
+    return min(n, ((CACHE_LINE_BYTES - offset) % CACHE_LINE_BYTES) // size)
+
+
 @numba.njit(**JIT_OPTIONS)
 def first_line_start(dst):
-    """Index of ``dst``'s first element on a cache-line boundary, or ``dst.size`` if none
-    (elements misaligned within lines never meet one)."""
-    size = dst.itemsize
-    offset = element_address(dst, 0) % CACHE_LINE_BYTES
-    if offset % size:
-        return dst.size
-    return min(dst.size, ((CACHE_LINE_BYTES - offset) % CACHE_LINE_BYTES) // size)
+    """Index of ``dst``'s first element on a cache-line boundary, or ``dst.size`` if none."""
+    return line_start_from(dst, 0, dst.size)
 
 
 @_elementwise
@@ -154,21 +160,30 @@ def copy_scaled(src, dst, factor):
         dst[j] = src[j] * factor
 
 
+@glue
+def stream_scaled_into(src, dst, start, factor):
+    """``dst[start : start + src.size] = src · factor`` (no overlap), written around the
+    caches: whole aligned cache lines by non-temporal stores, the ragged ends by plain
+    ones. Callers end a task with ``store_fence()``. Inlined, and given ``dst`` whole:
+    kernels that store many short segments would otherwise pass a slice per call, whose
+    reference on ``dst`` the threads contend for (20% of an axis=0 softmax)."""
+    n = src.size
+    line = CACHE_LINE_BYTES // dst.itemsize
+    head = line_start_from(dst, start, n)
+    for j in range(head):
+        dst[start + j] = src[j] * factor
+    j = head
+    while j + line <= n:
+        stream_line(dst, start + j, src, j, factor)
+        j += line
+    for k in range(j, n):
+        dst[start + k] = src[k] * factor
+
+
 @_elementwise
 def stream_scaled(src, dst, factor):
-    """``dst[:] = src · factor`` (no overlap), written around the caches: whole aligned
-    cache lines by non-temporal stores, the ragged ends by plain ones. Callers end a
-    task with ``store_fence()``."""
-    line = CACHE_LINE_BYTES // dst.itemsize
-    head = first_line_start(dst)
-    for j in range(head):
-        dst[j] = src[j] * factor
-    j = head
-    while j + line <= dst.size:
-        stream_line(dst, j, src, j, factor)
-        j += line
-    for k in range(j, dst.size):
-        dst[k] = src[k] * factor
+    """``dst[:] = src · factor``, written around the caches (:func:`stream_scaled_into`)."""
+    stream_scaled_into(src, dst, 0, factor)
 
 
 # Transposes between back-to-back rows of `n_cols` classes and a (n_cols, rows) tile.

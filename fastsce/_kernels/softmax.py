@@ -36,7 +36,6 @@ from .._config import ELEMENTWISE_FASTMATH, FASTMATH, JIT_OPTIONS
 from .._math import (
     CACHE_LINE_BYTES,
     UNSCALE,
-    element_address,
     exp,
     exp_diff,
     fmaximum,
@@ -46,7 +45,6 @@ from .._math import (
     scaled_exp_diff,
     scaled_exp_diff_rounded,
     store_fence,
-    stream_line,
 )
 from .rowio import (
     exact_exps,
@@ -60,6 +58,7 @@ from .rowio import (
     row_scratch,
     store_row,
     store_tile,
+    stream_scaled_into,
     work_buffer,
 )
 
@@ -856,26 +855,12 @@ def columns_log_softmax_inplace(x, base, stride, n_classes, shift, log_total):
 
 @glue
 def store_segment(seg, out, start, stream):
-    """``out[start : start + seg.size] = seg``, streamed around the caches if ``stream``
-    (see rowio's :func:`stream_scaled`). Inlined, and given ``out`` whole: a call per
-    class segment took a reference on ``out``, whose count the threads then contended
-    for (20% of a softmax in NRT_incref)."""
-    n = seg.size
-    line = CACHE_LINE_BYTES // out.itemsize
-    head = n
+    """``out[start : start + seg.size] = seg``, streamed around the caches if ``stream``."""
     if stream:
-        offset = element_address(out, start) % CACHE_LINE_BYTES
-        if offset % out.itemsize == 0:
-            head = min(n, ((CACHE_LINE_BYTES - offset) % CACHE_LINE_BYTES) // out.itemsize)
-    for j in range(head):
-        out[start + j] = seg[j]
-    j = head
-    one = seg.dtype.type(1.0)
-    while j + line <= n:
-        stream_line(out, start + j, seg, j, one)
-        j += line
-    for k in range(j, n):
-        out[start + k] = seg[k]
+        stream_scaled_into(seg, out, start, seg.dtype.type(1.0))
+    else:
+        for j in range(seg.size):
+            out[start + j] = seg[j]
 
 
 @elementwise
