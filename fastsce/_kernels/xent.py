@@ -52,6 +52,7 @@ from .softmax import (
     long_row_max_sum,
     lse_from_total,
     merged_long_row,
+    next_pair,
     next_row,
     pair_exp_inplace,
     pair_sum_exp,
@@ -311,7 +312,8 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                                        half_format)
                         argmax_b, x_t_b, smooth_dot_b = pre_exp_terms(row_b, m_b, t_b, weight, smoothing,
                                                                       row_argmax.size)
-                        total, total_b = pair_exp_inplace(row, m, row_b, m_b, exact_exps(out))  # scaled
+                        ahead_a, ahead_b = next_pair(x, x_start, x_ld, i, n_rows, n_classes)
+                        total, total_b = pair_exp_inplace(row, m, row_b, m_b, ahead_a, ahead_b, exact_exps(out))  # scaled
                         paired_exps = True
                     else:
                         total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes),
@@ -337,7 +339,8 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                         values_b, m_b = readable_row_max(
                             x[x_start + (i + 1) * x_ld : x_start + (i + 1) * x_ld + n_classes], values_work_b,
                             half_format)
-                        total, total_b = pair_sum_exp(values, m, values_b, m_b)
+                        ahead_a, ahead_b = next_pair(x, x_start, x_ld, i, n_rows, n_classes)
+                        total, total_b = pair_sum_exp(values, m, values_b, m_b, ahead_a, ahead_b)
                         lse = lse_from_total(m, total)
                         next_lse = lse_from_total(m_b, total_b)
                         paired_lse = True
