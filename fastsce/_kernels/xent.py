@@ -313,7 +313,8 @@ def hard_xent_rows(x, x_start, x_ld, out, out_start, out_ld, n_rows, n_classes, 
                         argmax_b, x_t_b, smooth_dot_b = pre_exp_terms(row_b, m_b, t_b, weight, smoothing,
                                                                       row_argmax.size)
                         ahead_a, ahead_b = next_pair(x, x_start, x_ld, i, n_rows, n_classes)
-                        total, total_b = pair_exp_inplace(row, m, row_b, m_b, ahead_a, ahead_b, exact_exps(out))  # scaled
+                        total, total_b = pair_exp_inplace(row, m, row_b, m_b, ahead_a, ahead_b,
+                                                          exact_exps(out))  # scaled
                         paired_exps = True
                     else:
                         total = exp_inplace(row, m, next_row(x, x_start, x_ld, i, n_rows, n_classes),
