@@ -131,11 +131,11 @@ def row_sum_exp(row, shift, ahead):
 # the core two independent chains, which hides the latency of each row's reductions
 # (measured, logsumexp on one core: 262144 x 128 26 -> 13 ms, 1000 classes -15%, 2048
 # classes +9%). Kernels that also write the rows pair fewer (log_softmax: 128 classes
-# 16 -> 9.5 ms on two cores, 256 even, 512 and 1000 slower: two rows in flight lose the
-# next row's prefetch; cross-entropy gradient rows: 128 classes 18.4 -> 15.3 ms, 1000
-# classes 21 -> 27 ms). Both prefetch the next pair as the single-row loops prefetch
-# the next row: without it, on Zen 3 (AVX2), logsumexp of 65536x1000 took 32 ms, with
-# it 23 (cross_entropy 32 -> 24; 262144x128 unchanged within the noise).
+# 16 -> 9.5 ms on two cores, 256 even, 512 and 1000 slower; cross-entropy gradient rows:
+# 128 classes 18.4 -> 15.3 ms, 1000 classes 21 -> 27 ms; all on Zen 4, when pairs did not
+# prefetch). Pairs now prefetch the next pair as the single-row loops prefetch the next
+# row: on Zen 3 (AVX2), logsumexp of 65536x1000 32 -> 23 ms, cross_entropy 32 -> 24,
+# 262144x128 unchanged within the noise. The written limit was not measured again.
 PAIR_MAX_CLASSES = 1024
 PAIR_MAX_WRITTEN_CLASSES = 256
 
