@@ -85,7 +85,7 @@ SCRIPT = textwrap.dedent(
                 "libm_log": len(re.findall(r"[$\\s](logf?|__logf?_finite)(@|\\b)", asm)),
                 "packed_div": len(re.findall(r"\\bvdivpd\\s.*%[yz]mm", asm)),
                 "nontemporal": len(re.findall(r"\\bvmovnt(p[sd]|dq)\\s", asm)),
-                "packed_to_half": len(re.findall(r"\\bvcvtps2ph\\s.*%[yz]mm", asm)),
+                "packed_to_half": len(re.findall(r"\\bvcvtps2phx?\\s.*%[yz]mm", asm)),
                 "prefetch": len(re.findall(r"\\bprefetcht0\\s", asm)),
                 "packed_shuffle": len(re.findall(r"\\bv(perm[it]2p[sd]|shuf[f\\w]*|unpck\\w+|permp[sd]|insertf\\w+)\\s.*%[yz]mm", asm)),
             })
