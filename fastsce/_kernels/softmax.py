@@ -1144,7 +1144,8 @@ def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_format):
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
         tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        columns_exp_inplace(tile, 0, hi - lo, n_cols, m, total)
+        ahead = x[x_start + hi * n_cols : x_start + min(n_rows, hi + per_tile) * n_cols]  # the next tile
+        columns_exp_inplace(tile, 0, hi - lo, n_cols, m, total, ahead, per_tile, per_tile)
         columns_scale_inplace(tile, 0, hi - lo, n_cols, (1.0 / total).astype(tile.dtype))
         store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
 
@@ -1156,7 +1157,8 @@ def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_form
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
         tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        columns_sum_exp(tile, 0, hi - lo, n_cols, m, total)
+        ahead = x[x_start + hi * n_cols : x_start + min(n_rows, hi + per_tile) * n_cols]  # the next tile
+        columns_sum_exp(tile, 0, hi - lo, n_cols, m, total, ahead, per_tile, per_tile)
         columns_log_softmax_inplace(tile, 0, hi - lo, n_cols, m, logs_of(total, tile))
         store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
 
@@ -1168,5 +1170,6 @@ def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
         tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        columns_sum_exp(tile, 0, hi - lo, n_cols, m, total)
+        ahead = x[x_start + hi * n_cols : x_start + min(n_rows, hi + per_tile) * n_cols]  # the next tile
+        columns_sum_exp(tile, 0, hi - lo, n_cols, m, total, ahead, per_tile, per_tile)
         columns_lse(m, total, out[lo:hi])
