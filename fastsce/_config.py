@@ -111,13 +111,25 @@ STREAM_MIN_BYTES = 16 * 2**20
 # ...and rows at least this long: on short rows the non-temporal stores cost more than
 # the read they save. Measured on Zen 4 (AVX-512), float32 rows of 128 MB outputs,
 # streamed against cached stores: 512-byte rows 1.9-2.5x slower, 1 KB 1.6x, 2 KB up to
-# 1.3x; 4 KB rows break even; 16 KB rows and longer 10-20% faster.
-STREAM_MIN_ROW_BYTES = 4096
+# 1.3x; 4 KB rows break even; 16 KB rows and longer 10-20% faster. On an Intel Xeon
+# (AVX-512, 65.5M float32 elements, 2 threads, as ratios to the copy) softmax and
+# log_softmax gain from 3 KB rows: 768 classes 1.56 -> 1.45 and 1.75 -> 1.56, 1000
+# classes 1.54 -> 1.36 and 1.75 -> 1.45; 1 KB rows lose (1.33 -> 1.56).
+STREAM_MIN_ROW_BYTES = 3072
+# Cross-entropy gradient rows stream from 4 KB: its row loop drops array references
+# (NRT_decref, a locked instruction) right after a streamed row, and a locked
+# instruction waits for every pending streamed store to reach memory. 1000 classes on
+# the Xeon, 1 thread: 65 ms cached, 80 ms streamed (and 89 ms before store_entry took
+# two of those references out).
+STREAM_MIN_GRAD_ROW_BYTES = 4096
 
 
-def streams(output_bytes: int, row_bytes: int) -> bool:
-    """Whether a row kernel writes its output around the caches (non-temporal stores)."""
-    return output_bytes >= STREAM_MIN_BYTES and row_bytes >= STREAM_MIN_ROW_BYTES
+def streams(output_bytes: int, row_bytes: int, min_row_bytes: int | None = None) -> bool:
+    """Whether a row kernel writes its output around the caches (non-temporal stores):
+    outputs of STREAM_MIN_BYTES and more, rows of ``min_row_bytes`` (default
+    STREAM_MIN_ROW_BYTES) and more."""
+    min_row_bytes = STREAM_MIN_ROW_BYTES if min_row_bytes is None else min_row_bytes
+    return output_bytes >= STREAM_MIN_BYTES and row_bytes >= min_row_bytes
 
 __all__ = ["ELEMENTWISE_FASTMATH", "FASTMATH", "JIT_OPTIONS", "get_num_threads", "set_num_threads", "threads"]
 

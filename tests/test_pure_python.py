@@ -89,7 +89,7 @@ def stream_everything(monkeypatch):
     """Every output takes the streamed-store path, whatever its size. Under
     NUMBA_DISABLE_JIT=1 the calls to the streaming loop are also counted."""
     for name in ("fastsce.softmax", "fastsce.loss"):
-        monkeypatch.setattr(importlib.import_module(name), "streams", lambda output_bytes, row_bytes: True)
+        monkeypatch.setattr(importlib.import_module(name), "streams", lambda *sizes: True)
     calls = []
     if NO_JIT:
         from fastsce._kernels import rowio
@@ -114,13 +114,16 @@ def stream_everything(monkeypatch):
 def test_only_big_outputs_of_long_rows_are_streamed():
     """Streaming needs both: an output bigger than the caches, and rows long enough that
     the non-temporal stores pay (short rows ran 2.5x slower streamed)."""
-    from fastsce._config import STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES, streams
+    from fastsce._config import STREAM_MIN_BYTES, STREAM_MIN_GRAD_ROW_BYTES, STREAM_MIN_ROW_BYTES, streams
 
     assert streams(STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES)
     assert streams(2**30, 2**20)
     assert not streams(STREAM_MIN_BYTES - 1, 2**20)  # fits the caches: keep it there
     assert not streams(2**30, STREAM_MIN_ROW_BYTES - 1)  # 512-byte rows of a 1 GB output
     assert not streams(2**30, 128 * 4)
+    # 1000 float32 classes: softmax rows stream, cross-entropy gradient rows not yet
+    assert streams(2**30, 1000 * 4) and not streams(2**30, 1000 * 4, STREAM_MIN_GRAD_ROW_BYTES)
+    assert streams(2**30, 2**20, STREAM_MIN_GRAD_ROW_BYTES)
 
 
 def test_only_rows_of_megabytes_are_split_across_threads():
@@ -216,7 +219,7 @@ def test_streamed_16_bit_outputs_have_the_bits_of_plain_stores(monkeypatch, shap
     plain = results()
     calls = []
     for name in ("fastsce.softmax", "fastsce.loss"):
-        monkeypatch.setattr(importlib.import_module(name), "streams", lambda output_bytes, row_bytes: True)
+        monkeypatch.setattr(importlib.import_module(name), "streams", lambda *sizes: True)
     if NO_JIT:
         from fastsce._kernels import rowio
 

@@ -398,6 +398,34 @@ def _store_row(row, dst, half_format, stream, factor=1.0):
     return store
 
 
+def store_entry(dst, j, value, half_format):
+    """``dst[j] = value``, encoded if ``dst`` holds 16-bit bits. (No slice: a slice's
+    reference count is a locked instruction, which waits for every pending streamed
+    store to reach memory.)"""
+    if dst.dtype == np.uint16:
+        encode_into(np.array([value], np.float32), dst[j : j + 1], half_format, np.float32(1.0))
+    else:
+        dst[j] = value
+
+
+@overload(store_entry, **_OVERLOAD)
+def _store_entry(dst, j, value, half_format):
+    if _is_bits(dst):
+
+        def encode(dst, j, value, half_format):
+            if half_format == FLOAT16:
+                dst[j] = float32_to_float16_bits(np.float32(value))
+            else:
+                dst[j] = float32_to_bfloat16_bits(np.float32(value))
+
+        return encode
+
+    def store(dst, j, value, half_format):
+        dst[j] = value
+
+    return store
+
+
 def load_tile(src, n_cols, tile, half_format):
     """Back-to-back rows ``src`` (floats, or 16-bit bits) into the (n_cols, rows) ``tile``."""
     if src.dtype == np.uint16:

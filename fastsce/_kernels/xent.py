@@ -37,6 +37,7 @@ from .rowio import (
     readable_row,
     readable_row_max,
     row_scratch,
+    store_entry,
     store_row,
     store_tile,
     work_buffer,
@@ -172,11 +173,11 @@ def soft_grad_inplace(row, a, y, weight, g, keep, spread):
 def store_target_corrected(row, dst, t, a, target_term, half_format, stream):
     """``dst = row·a - target_term·onehot(t)``, stored as :func:`store_row` does: the row
     scaled on its way out, then entry ``t`` written again (a plain store; after a
-    streamed row it goes to the same core's write-combining buffer, in program order)."""
-    corrected = row[t] * a - target_term
+    streamed row it goes to the same core's write-combining buffer, in program order;
+    :func:`store_entry` takes no slice, whose reference count would wait for the
+    streamed stores)."""
     store_row(row, dst, half_format, stream, a)
-    row[t] = corrected
-    store_row(row[t : t + 1], dst[t : t + 1], half_format, False)
+    store_entry(dst, t, row[t] * a - target_term, half_format)
 
 
 @glue
