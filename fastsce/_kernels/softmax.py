@@ -102,6 +102,13 @@ def next_pair(x, x_start, x_ld, i, n_rows, n_cols):
     return next_row(x, x_start, x_ld, i + 1, n_rows, n_cols), next_row(x, x_start, x_ld, i + 2, n_rows, n_cols)
 
 
+@glue
+def next_row_block(x, x_start, hi, n_rows, n_cols, per_tile):
+    """The back-to-back rows ``[hi, hi + per_tile)`` of ``x`` (clipped to ``n_rows``): the
+    row block after the one ending at row ``hi``, to prefetch while that one is computed."""
+    return x[x_start + hi * n_cols : x_start + min(n_rows, hi + per_tile) * n_cols]
+
+
 @numba.njit(**JIT_OPTIONS)
 def prefetch_span(ahead, lo, hi):
     """Prefetch ``ahead[lo:hi]`` (clipped to its size), one hint per cache line."""
@@ -1144,7 +1151,7 @@ def softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_format):
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
         tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        ahead = x[x_start + hi * n_cols : x_start + min(n_rows, hi + per_tile) * n_cols]  # the next tile
+        ahead = next_row_block(x, x_start, hi, n_rows, n_cols, per_tile)
         columns_exp_inplace(tile, 0, hi - lo, n_cols, m, total, ahead, per_tile, per_tile)
         columns_scale_inplace(tile, 0, hi - lo, n_cols, (1.0 / total).astype(tile.dtype))
         store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
@@ -1157,7 +1164,7 @@ def log_softmax_row_blocks(x, x_start, out, out_start, n_rows, n_cols, half_form
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
         tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        ahead = x[x_start + hi * n_cols : x_start + min(n_rows, hi + per_tile) * n_cols]  # the next tile
+        ahead = next_row_block(x, x_start, hi, n_rows, n_cols, per_tile)
         columns_sum_exp(tile, 0, hi - lo, n_cols, m, total, ahead, per_tile, per_tile)
         columns_log_softmax_inplace(tile, 0, hi - lo, n_cols, m, logs_of(total, tile))
         store_tile(tile, n_cols, out[out_start + lo * n_cols : out_start + hi * n_cols], half_format)
@@ -1170,6 +1177,6 @@ def logsumexp_row_blocks(x, x_start, out, n_rows, n_cols, half_format):
     for b in numba.prange((n_rows + per_tile - 1) // per_tile):
         lo, hi = task_bounds(b, n_rows, per_tile)
         tile, m, total = open_tile(x, x_start, lo, hi, n_cols, out, half_format)
-        ahead = x[x_start + hi * n_cols : x_start + min(n_rows, hi + per_tile) * n_cols]  # the next tile
+        ahead = next_row_block(x, x_start, hi, n_rows, n_cols, per_tile)
         columns_sum_exp(tile, 0, hi - lo, n_cols, m, total, ahead, per_tile, per_tile)
         columns_lse(m, total, out[lo:hi])
