@@ -116,20 +116,13 @@ STREAM_MIN_BYTES = 16 * 2**20
 # log_softmax gain from 3 KB rows: 768 classes 1.56 -> 1.45 and 1.75 -> 1.56, 1000
 # classes 1.54 -> 1.36 and 1.75 -> 1.45; 1 KB rows lose (1.33 -> 1.56).
 STREAM_MIN_ROW_BYTES = 3072
-# Cross-entropy gradient rows stream from 4 KB: its row loop drops array references
-# (NRT_decref, a locked instruction) right after a streamed row, and a locked
-# instruction waits for every pending streamed store to reach memory. 1000 classes on
-# the Xeon, 1 thread: 65 ms cached, 80 ms streamed (and 89 ms before store_entry took
-# two of those references out).
-STREAM_MIN_GRAD_ROW_BYTES = 4096
 
 
-def streams(output_bytes: int, row_bytes: int, min_row_bytes: int | None = None) -> bool:
+def streams(output_bytes: int, row_bytes: int) -> bool:
     """Whether a row kernel writes its output around the caches (non-temporal stores):
-    outputs of STREAM_MIN_BYTES and more, rows of ``min_row_bytes`` (default
-    STREAM_MIN_ROW_BYTES) and more."""
-    min_row_bytes = STREAM_MIN_ROW_BYTES if min_row_bytes is None else min_row_bytes
-    return output_bytes >= STREAM_MIN_BYTES and row_bytes >= min_row_bytes
+    outputs of STREAM_MIN_BYTES and more, rows of STREAM_MIN_ROW_BYTES and more."""
+    return output_bytes >= STREAM_MIN_BYTES and row_bytes >= STREAM_MIN_ROW_BYTES
+
 
 __all__ = ["ELEMENTWISE_FASTMATH", "FASTMATH", "JIT_OPTIONS", "get_num_threads", "set_num_threads", "threads"]
 

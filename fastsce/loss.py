@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import ArrayLike
 
-from ._config import (NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES, STREAM_MIN_GRAD_ROW_BYTES, long_row_chunks,
+from ._config import (NOT_16BIT, SMALL_CLASSES, STREAM_MIN_BYTES, long_row_chunks,
                       long_row_segment, loss_chunk_rows, streams)
 from ._layout import Operand, Plan, aligned_copy, plan_layout, require_plan
 from ._validation import (
@@ -250,8 +250,7 @@ def _cross_entropy(logits, target, weight, ignore_index, reduction, label_smooth
         # a writeable placeholder without a gradient keeps one compiled signature per dtype
         g_op = plan.operands[-1] if with_grad else Operand(np.empty(0, kernel_view(work_logits)[0].dtype), 0, 0, 0)
         in_place = with_grad and _same_start(work_grad, work_logits)
-        stream = with_grad and streams(g_op.buffer.nbytes, n_classes * g_op.buffer.itemsize,
-                                     STREAM_MIN_GRAD_ROW_BYTES)
+        stream = with_grad and streams(g_op.buffer.nbytes, n_classes * g_op.buffer.itemsize)
         grad_scale = 1.0 / ce_count if reduction == "mean" and ce_count else (math.inf if reduction == "mean" else 1.0)
         z_grad_scale = 1.0 / z_count if reduction == "mean" and z_count else 1.0
         factors = _in_plan_order(grad_factors, plan, work_axis) if with_grad and grad_factors.size > 1 else (

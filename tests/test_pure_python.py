@@ -96,13 +96,13 @@ def stream_everything(monkeypatch):
 
         stream_scaled, stream_encoded = rowio.stream_scaled, rowio.stream_encoded
 
-        def counted(src, dst, factor):
-            calls.append(dst.size)
-            return stream_scaled(src, dst, factor)
+        def counted(src, dst, start, factor):
+            calls.append(src.size)
+            return stream_scaled(src, dst, start, factor)
 
-        def counted_bits(values, bits, half_format, factor):
-            calls.append(bits.size)
-            return stream_encoded(values, bits, half_format, factor)
+        def counted_bits(values, bits, start, half_format, factor):
+            calls.append(values.size)
+            return stream_encoded(values, bits, start, half_format, factor)
 
         monkeypatch.setattr(rowio, "stream_scaled", counted)
         monkeypatch.setattr(rowio, "stream_encoded", counted_bits)
@@ -114,16 +114,14 @@ def stream_everything(monkeypatch):
 def test_only_big_outputs_of_long_rows_are_streamed():
     """Streaming needs both: an output bigger than the caches, and rows long enough that
     the non-temporal stores pay (short rows ran 2.5x slower streamed)."""
-    from fastsce._config import STREAM_MIN_BYTES, STREAM_MIN_GRAD_ROW_BYTES, STREAM_MIN_ROW_BYTES, streams
+    from fastsce._config import STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES, streams
 
     assert streams(STREAM_MIN_BYTES, STREAM_MIN_ROW_BYTES)
     assert streams(2**30, 2**20)
     assert not streams(STREAM_MIN_BYTES - 1, 2**20)  # fits the caches: keep it there
     assert not streams(2**30, STREAM_MIN_ROW_BYTES - 1)  # 512-byte rows of a 1 GB output
     assert not streams(2**30, 128 * 4)
-    # 1000 float32 classes: softmax rows stream, cross-entropy gradient rows not yet
-    assert streams(2**30, 1000 * 4) and not streams(2**30, 1000 * 4, STREAM_MIN_GRAD_ROW_BYTES)
-    assert streams(2**30, 2**20, STREAM_MIN_GRAD_ROW_BYTES)
+    assert streams(2**30, 1000 * 4)  # 1000 float32 classes
 
 
 def test_only_rows_of_megabytes_are_split_across_threads():
@@ -175,14 +173,19 @@ def test_streamed_backward(stream_everything, dtype):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("kind", ["hard", "soft"])
-def test_streamed_cross_entropy_gradient(stream_everything, kind, dtype):
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize(("kind", "shape"), [("hard", (11, 97)), ("soft", (11, 97)), ("hard", (5, 4500))],
+                         ids=["hard", "soft", "hard-over16KB"])
+def test_streamed_cross_entropy_gradient(stream_everything, shape, kind, smoothing, dtype):
+    """Hard targets without smoothing finish a short streamed row in scratch (scaled,
+    target entry set) before it goes out, a long one as it goes out; with smoothing, and
+    soft targets, other ways."""
     rng = np.random.default_rng(33)
-    x = make_logits((11, 97), dtype, rng)
+    x = make_logits(shape, dtype, rng)
     t = make_target(kind, x, -1, rng, ignore_rows=(4,))
-    w = rng.uniform(0.5, 2.0, 97).astype(dtype)
+    w = rng.uniform(0.5, 2.0, shape[1]).astype(dtype)
     for reduction in ("mean", "none"):
-        opts = options(w, reduction, 0.1, 1e-3)
+        opts = options(w, reduction, smoothing, 1e-3)
         expected_loss = ref.cross_entropy_ref(x, t, **opts)
         expected_grad = ref.cross_entropy_grad_ref(x, t, **opts)
         loss, grad = fastsce.cross_entropy_with_grad(x, t, **opts)
