@@ -56,6 +56,7 @@ from .softmax import (
     merged_long_row,
     next_pair,
     next_row,
+    next_row_block,
     pair_exp_inplace,
     pair_sum_exp,
     parallel,
@@ -708,12 +709,13 @@ def hard_tile_scratch(width, x, weight, row_argmax):
 @glue
 def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad, target, ignore_index, weight,
                    weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
-                   scratch):
+                   scratch, ahead):
     """Rows ``r0 .. r0 + width`` of the class-index loss, held as a tile of ``width``
     columns (class ``c`` of the tile at ``base + c·stride``): the per-row outputs, and
     with ``with_grad`` the gradient, computed over the logits already copied into
-    ``out``'s tile. ``scratch``: from :func:`hard_tile_scratch`. Returns the tile's sums
-    of the loss and of ``lse²``."""
+    ``out``'s tile. ``scratch``: from :func:`hard_tile_scratch`. ``ahead``: back-to-back
+    rows to prefetch during the exp pass (the next row block), or None. Returns the
+    tile's sums of the loss and of ``lse²``."""
     keep = 1.0 - smoothing
     spread = smoothing / n_classes
     targets = target[r0 : r0 + width]
@@ -732,11 +734,11 @@ def hard_xent_tile(x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad
     if with_grad:  # exp(x - m) is written into the gradient's tile, then turned into it
         columns_hard_terms(out, ob, out_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
                            logit_t, w_t, smooth_dot)
-        columns_exp_inplace(out, ob, out_cs, n_classes, m, total)
+        columns_exp_inplace(out, ob, out_cs, n_classes, m, total, ahead, width, width)
     else:
         columns_hard_terms(x, xb, x_cs, n_classes, targets, ignore_index, weight, smoothing, m, argmax,
                            logit_t, w_t, smooth_dot)
-        columns_sum_exp(x, xb, x_cs, n_classes, m, total)
+        columns_sum_exp(x, xb, x_cs, n_classes, m, total, ahead, width, width)
     columns_lse(m, total, lse)
     loss_sum, z_sum, n_ignored = hard_tile_rows(r0, targets, ignore_index, weight_sum, keep, spread, z_loss, with_grad,
                                                 grad_scale, z_grad_scale, grad_rows, lse, logit_t, w_t, smooth_dot,
@@ -786,7 +788,7 @@ def hard_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_
                 chunk_loss[k], chunk_z[k] = hard_xent_tile(
                     tile, 0, width, tile, 0, width, n_classes, width, r0, with_grad, target, ignore_index, weight,
                     weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse,
-                    row_argmax, scratch)
+                    row_argmax, scratch, None)
                 if with_grad:
                     store_columns(tile, n_classes, width, out, ob, out_cs, stream)
             else:
@@ -795,7 +797,7 @@ def hard_xent_columns(x, x_start, x_os, x_cs, out, out_start, out_os, out_cs, n_
                 chunk_loss[k], chunk_z[k] = hard_xent_tile(
                     x, xb, x_cs, out, ob, out_cs, n_classes, width, r0, with_grad, target, ignore_index, weight,
                     weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse,
-                    row_argmax, scratch)
+                    row_argmax, scratch, None)
         store_fence()
 
 
@@ -878,6 +880,6 @@ def hard_xent_row_blocks(x, x_start, out, out_start, n_rows, n_classes, with_gra
             chunk_loss[k], chunk_z[k] = hard_xent_tile(
                 tile, 0, hi - lo, tile, 0, hi - lo, n_classes, hi - lo, lo, with_grad, target, ignore_index, weight,
                 weight_sum, smoothing, z_loss, grad_scale, z_grad_scale, grad_rows, row_loss, row_lse, row_argmax,
-                scratch)
+                scratch, next_row_block(x, x_start, hi, n_rows, n_classes, hi - lo))
             if with_grad:
                 store_tile(tile, n_classes, out[out_start + lo * n_classes : out_start + hi * n_classes], half_format)
